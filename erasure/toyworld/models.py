@@ -1,0 +1,179 @@
+"""Architectures of the toy world's models: an SD-architecture pipeline, an open_clip model and an oracle.
+
+The pipeline is a standard diffusers ``StableDiffusionPipeline`` (SD 1.x layout): ``AutoencoderKL`` with 4x
+downsampling (64x64 RGB <-> 4x16x16 latents), ``UNet2DConditionModel`` whose cross-attention modules are named
+``attn2`` as in SD, a ``CLIPTextModel`` with the toy tokenizer (77 tokens, padded with end-of-text like SD 1.x) and
+SD's own DDIM scheduler settings (scaled-linear betas 0.00085..0.012 over 1000 steps, epsilon prediction).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from erasure.toyworld.render import CHARACTERS, COLOURS, SHAPES, STYLES
+
+IMAGE_SIZE = 64
+LATENT_SIZE = 16
+TEXT_HIDDEN = 128
+CLIP_MODEL_NAME = "toyworld-clip"
+
+VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [64, 128, 128],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": IMAGE_SIZE,
+}
+
+UNET_CONFIG = {
+    "sample_size": LATENT_SIZE,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64, 128],
+    "layers_per_block": 2,
+    "cross_attention_dim": TEXT_HIDDEN,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+# open_clip architecture (registered under CLIP_MODEL_NAME with open_clip.add_model_config). The text tower keeps
+# open_clip's default tokenizer (49,408 tokens) so that the model loads through the stock factory.
+CLIP_CONFIG = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 4, "width": 128, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 4},
+}
+CLIP_PREPROCESS = {"image_size": IMAGE_SIZE, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
+def build_vae():
+    """A fresh ``AutoencoderKL`` of the toy architecture."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def build_unet():
+    """A fresh ``UNet2DConditionModel`` of the toy architecture."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**UNET_CONFIG)
+
+
+def build_text_encoder(tokenizer):
+    """A fresh ``CLIPTextModel`` sized for the toy tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        projection_dim=TEXT_HIDDEN,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_scheduler():
+    """SD's DDIM scheduler configuration."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(**SCHEDULER_CONFIG)
+
+
+def register_clip_config() -> None:
+    """Register the toy CLIP architecture with open_clip under ``toyworld-clip``."""
+    import tempfile
+
+    import open_clip
+
+    if CLIP_MODEL_NAME in open_clip.list_models():
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / f"{CLIP_MODEL_NAME}.json").write_text(json.dumps(CLIP_CONFIG))
+        open_clip.add_model_config(folder)
+
+
+def build_clip():
+    """A fresh open_clip model of the toy architecture, with its preprocessing."""
+    import open_clip
+
+    register_clip_config()
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        CLIP_MODEL_NAME, pretrained=None, image_mean=CLIP_PREPROCESS["mean"], image_std=CLIP_PREPROCESS["std"]
+    )
+    return model, preprocess
+
+
+ORACLE_HEADS: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "style": STYLES,
+    "character": ("none", *CHARACTERS),
+}
+
+
+class Oracle(nn.Module):
+    """A small CNN that reads colour, shape, style and character off a 64x64 image.
+
+    It is trained on renderer output only (with blur and noise so that it tolerates a generator's imperfections)
+    and judges generated images independently of any CLIP model.
+    """
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+
+        def block(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2),
+            )  # fmt: skip
+
+        self.features = nn.Sequential(
+            block(3, width), block(width, 2 * width), block(2 * width, 4 * width), block(4 * width, 4 * width)
+        )
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(4 * width * 16, len(values)) for name, values in ORACLE_HEADS.items()}
+        )
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits per attribute for images in [-1, 1], shape ``(B, 3, 64, 64)``."""
+        features = self.features(images).flatten(1)
+        return {name: head(features) for name, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> list[dict[str, str]]:
+        """Attribute names for images in [-1, 1]."""
+        self.eval()
+        logits = self(images)
+        indices = {name: logit.argmax(-1).tolist() for name, logit in logits.items()}
+        return [
+            {name: ORACLE_HEADS[name][indices[name][row]] for name in ORACLE_HEADS} for row in range(images.shape[0])
+        ]
