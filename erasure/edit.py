@@ -1,0 +1,486 @@
+"""Edits: the weight changes an erasure method made, as deltas of the touched tensors only.
+
+An :class:`Edit` holds ``new - old`` (float32) for each tensor a method changed, keyed ``unet.<diffusers name>``,
+``text_encoder.<name>`` or ``text_encoder_2.<name>``, plus a JSON config: the method and its config, the erase
+request, the base model, its family, a fingerprint of the base tensors, the method's stats, the erasure version
+and the creation time. On disk an edit is a folder with ``edit.safetensors`` and ``edit_config.json``.
+
+Because an edit is a delta, scaling (``apply_to(pipe, scale=0.5)``), reverting, stacking and replaying come free;
+full diffusers folders, LoRA adapters and single-file checkpoints are export formats (see the CLI's ``export``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from erasure import __version__
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CONFIG_NAME",
+    "LORA_WEIGHTS_NAME",
+    "WEIGHTS_NAME",
+    "Edit",
+    "EditFormatError",
+    "FingerprintMismatchError",
+    "atomic_output",
+    "fingerprint",
+    "lora_state_dict",
+    "pipeline_tensor",
+    "replay",
+    "save_lora",
+    "stack",
+]
+
+WEIGHTS_NAME = "edit.safetensors"
+CONFIG_NAME = "edit_config.json"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) reads
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+class FingerprintMismatchError(ValueError):
+    """The pipeline's tensors are not the ones the edit was made from."""
+
+
+class EditFormatError(ValueError):
+    """An edit folder is missing, incomplete or corrupt, or a folder cannot be overwritten by an edit."""
+
+
+def fingerprint(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 over the names, shapes, dtypes and bytes of ``tensors``, in sorted name order.
+
+    Args:
+        tensors: Named tensors (any device or dtype).
+
+    Returns:
+        A hex digest; equal exactly when every name, shape, dtype and bit is equal.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        digest.update(tensor.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pipeline_tensor(pipe: Any, key: str) -> torch.nn.Parameter:
+    """The parameter a delta key names, e.g. ``unet.mid_block.attentions.0....to_k.weight``.
+
+    Raises:
+        KeyError: If the pipeline has no such component or parameter.
+    """
+    component_name, _, name = key.partition(".")
+    component = getattr(pipe, component_name, None) if component_name in COMPONENTS else None
+    if not isinstance(component, torch.nn.Module):
+        raise KeyError(f"'{key}' names no component of this pipeline (expected one of {', '.join(COMPONENTS)}).")
+    candidates = [name]
+    if component_name.startswith("text_encoder"):  # transformers >= 5.6 drops CLIPTextModel's "text_model." prefix
+        candidates.append(name.removeprefix("text_model.") if name.startswith("text_model.") else f"text_model.{name}")
+    for candidate in candidates:
+        try:
+            return component.get_parameter(candidate)
+        except AttributeError:
+            continue
+    raise KeyError(f"The pipeline's {component_name} has no parameter '{name}'.")
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+class Edit:
+    """Weight deltas of the touched tensors plus metadata.
+
+    Attributes:
+        deltas: ``{key: new - old}`` (float32, CPU) for each changed tensor.
+        config: JSON-friendly metadata: ``method``, ``method_config``, ``request``, ``base_model``, ``family``,
+            ``base_fingerprint``, ``stats``, ``erasure_version``, ``created`` (a stack has ``parts`` instead).
+        applied_scale: The scale of the current application, or ``None`` when not applied.
+    """
+
+    def __init__(self, deltas: Mapping[str, Tensor], config: Mapping[str, Any] | None = None) -> None:
+        self.deltas: dict[str, Tensor] = {
+            key: value.detach().to("cpu", torch.float32).contiguous() for key, value in deltas.items()
+        }
+        self.config: dict[str, Any] = dict(config or {})
+        self.config.setdefault("erasure_version", __version__)
+        self.config.setdefault("created", datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+        self.applied_scale: float | None = None
+        self._originals: dict[str, Tensor] | None = None
+        self._pipe_ref: weakref.ref | None = None
+
+    def __repr__(self) -> str:
+        size = sum(delta.numel() for delta in self.deltas.values())
+        return f"Edit(method={self.config.get('method')!r}, tensors={len(self.deltas)}, values={size})"
+
+    # -- application -----------------------------------------------------------------------------------------
+
+    def _fingerprint_checks(self) -> list[tuple[list[str], str | None]]:
+        """``(keys, fingerprint)`` pairs to verify: one for a plain edit, one per part for a stack."""
+        if "parts" in self.config:
+            return [(list(part.get("keys", [])), part.get("base_fingerprint")) for part in self.config["parts"]]
+        return [(list(self.deltas), self.config.get("base_fingerprint"))]
+
+    def check_base(self, pipe: Any) -> None:
+        """Raise :class:`FingerprintMismatchError` unless ``pipe`` holds the base tensors of this edit."""
+        self._check_shapes(pipe)
+        for keys, expected in self._fingerprint_checks():
+            if expected is None:
+                continue
+            try:
+                current = {key: pipeline_tensor(pipe, key) for key in keys}
+            except KeyError as error:
+                raise FingerprintMismatchError(
+                    f"This edit does not fit the pipeline: {error.args[0]} (edit made from "
+                    f"{self.config.get('base_model') or 'an unnamed model'})."
+                ) from None
+            if fingerprint(current) != expected:
+                raise FingerprintMismatchError(
+                    f"The pipeline's weights differ from those the edit was made from "
+                    f"({self.config.get('base_model') or 'unnamed base'}, {len(keys)} tensors): load the same base "
+                    "model, revert other edits first, or pass check=False to apply anyway."
+                )
+
+    def _check_shapes(self, pipe: Any) -> None:
+        base = self.config.get("base_model") or "an unnamed model"
+        for key, delta in self.deltas.items():
+            try:
+                parameter = pipeline_tensor(pipe, key)
+            except KeyError as error:
+                raise FingerprintMismatchError(
+                    f"This edit does not fit the pipeline: {error.args[0]} (edit made from {base})."
+                ) from None
+            if parameter.shape != delta.shape:
+                raise FingerprintMismatchError(
+                    f"This edit does not fit the pipeline: {key} has shape {tuple(parameter.shape)} here but "
+                    f"{tuple(delta.shape)} in the edit (made from {base})."
+                )
+
+    def apply_to(self, pipe: Any, scale: float = 1.0, check: bool = True) -> None:
+        """Add ``scale * delta`` to the pipeline's tensors, in place.
+
+        The touched tensors are kept, so :meth:`revert` restores them bit for bit.
+
+        Args:
+            pipe: The pipeline holding the base weights.
+            scale: Strength of the edit; 0 leaves the weights unchanged, 1 is the edit as made.
+            check: Verify the base fingerprint first.
+
+        Raises:
+            FingerprintMismatchError: If ``check`` and the pipeline's tensors are not the edit's base.
+            RuntimeError: If this edit is already applied (revert it first).
+        """
+        if self._originals is not None:
+            raise RuntimeError("This edit is already applied; call revert(pipe) before applying it again.")
+        if check:
+            self.check_base(pipe)
+        else:
+            self._check_shapes(pipe)
+        parameters = {key: pipeline_tensor(pipe, key) for key in self.deltas}
+        originals = {key: parameter.detach().to("cpu", copy=True) for key, parameter in parameters.items()}
+        with torch.no_grad():
+            for key, parameter in parameters.items():
+                edited = originals[key].float() + float(scale) * self.deltas[key]
+                parameter.copy_(edited.to(parameter.dtype))
+        self._originals = originals
+        self._pipe_ref = weakref.ref(pipe)
+        self.applied_scale = float(scale)
+
+    def revert(self, pipe: Any) -> None:
+        """Restore the tensors :meth:`apply_to` changed, bit for bit.
+
+        Raises:
+            RuntimeError: If the edit is not applied to this pipeline.
+        """
+        if self._originals is None or self._pipe_ref is None or self._pipe_ref() is not pipe:
+            raise RuntimeError("This edit is not applied to this pipeline; nothing to revert.")
+        with torch.no_grad():
+            for key, original in self._originals.items():
+                pipeline_tensor(pipe, key).copy_(original)
+        self._originals = None
+        self._pipe_ref = None
+        self.applied_scale = None
+
+    # -- files -----------------------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``edit.safetensors`` and ``edit_config.json`` into ``folder``, atomically.
+
+        Both files are written to a temporary folder beside ``folder``, which is then renamed into place, so a
+        crash leaves either the old folder or the new one, never a mix. An existing edit folder is replaced; an
+        existing non-empty folder that is not an edit is refused.
+
+        Returns:
+            The folder.
+
+        Raises:
+            EditFormatError: If ``folder`` exists and is a file or a non-edit folder.
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        if folder.exists():
+            if not folder.is_dir():
+                raise EditFormatError(f"{folder} exists and is a file; choose another output folder.")
+            if any(folder.iterdir()) and not (folder / CONFIG_NAME).is_file():
+                raise EditFormatError(
+                    f"{folder} exists and is not an edit folder (no {CONFIG_NAME}); refusing to overwrite it: "
+                    "choose another output folder."
+                )
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+        try:
+            tensors = {key: delta.contiguous() for key, delta in self.deltas.items()}
+            save_file(tensors, str(temporary / WEIGHTS_NAME), metadata={"format": "pt", "kind": "erasure-edit"})
+            text = json.dumps(_json_safe(self.config), indent=2, sort_keys=True)
+            (temporary / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
+            if folder.exists():
+                trash = folder.parent / f".{folder.name}.old-{os.getpid()}-{id(self)}"
+                os.replace(folder, trash)
+                try:
+                    os.replace(temporary, folder)
+                except BaseException:
+                    os.replace(trash, folder)
+                    raise
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(temporary, folder)
+        finally:
+            if temporary.exists():
+                shutil.rmtree(temporary, ignore_errors=True)
+        logger.info("Saved %r to %s.", self, folder)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Edit:
+        """Read an edit folder written by :meth:`save` (safetensors only; nothing is unpickled).
+
+        Raises:
+            EditFormatError: If the folder or a file is missing, or a file is corrupt.
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise EditFormatError(f"No edit folder at {folder}.")
+        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise EditFormatError(f"{folder} is not a complete edit: {path.name} is missing.")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise EditFormatError(f"{config_path} is corrupt ({error}); save the edit again.") from error
+        if not isinstance(config, dict):
+            raise EditFormatError(f"{config_path} does not hold a JSON object; save the edit again.")
+        try:
+            deltas = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise EditFormatError(f"{weights_path} is corrupt ({error}); save the edit again.") from error
+        bad = [key for key in deltas if key.partition(".")[0] not in COMPONENTS]
+        if bad:
+            raise EditFormatError(f"{weights_path} holds {bad[0]!r}, which is not an edit key; is it an edit?")
+        return cls(deltas, config)
+
+
+def stack(edits: Iterable[Edit]) -> Edit:
+    """Combine edits of the same base model into one: deltas are summed, configs listed under ``parts``.
+
+    The stack checks each part's base fingerprint over that part's own tensors when applied.
+
+    Raises:
+        ValueError: If no edits are given or they come from different model families.
+    """
+    edits = list(edits)
+    if not edits:
+        raise ValueError("stack() needs at least one edit.")
+    families = {edit.config.get("family") for edit in edits} - {None}
+    if len(families) > 1:
+        raise ValueError(f"Cannot stack edits of different model families: {', '.join(sorted(families))}.")
+    deltas: dict[str, Tensor] = {}
+    parts: list[dict[str, Any]] = []
+    for edit in edits:
+        for key, delta in edit.deltas.items():
+            if key in deltas and deltas[key].shape != delta.shape:
+                raise ValueError(f"Cannot stack: {key} has different shapes in the edits.")
+            deltas[key] = deltas[key] + delta if key in deltas else delta.clone()
+        if "parts" in edit.config:  # a stack of stacks is a flat stack
+            parts.extend(edit.config["parts"])
+        else:
+            keys = sorted(edit.deltas)
+            parts.append(
+                {"keys": keys, "base_fingerprint": edit.config.get("base_fingerprint"), "config": edit.config}
+            )
+    config = {
+        "method": "stack",
+        "parts": parts,
+        "family": next(iter(families), None),
+        "base_model": edits[0].config.get("base_model", ""),
+    }
+    return Edit(deltas, config)
+
+
+def replay(folder_or_config: str | Path | Mapping[str, Any], pipe: Any, **apply_kwargs: Any) -> Edit:
+    """Re-run the method recorded in an edit config on ``pipe`` (same method, config and request).
+
+    Args:
+        folder_or_config: An edit folder, an ``edit_config.json`` path, or the config dict itself.
+        pipe: The base pipeline.
+        **apply_kwargs: Passed to :meth:`erasure.methods.base.EraseMethod.apply` (``images``, ``progress``).
+
+    Returns:
+        The new edit; with the same seed and base it equals the recorded one (up to non-deterministic kernels).
+    """
+    from erasure.concepts import EraseRequest
+    from erasure.methods import get_method
+
+    if isinstance(folder_or_config, Mapping):
+        config = dict(folder_or_config)
+    else:
+        path = Path(folder_or_config)
+        path = path / CONFIG_NAME if path.is_dir() else path
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise EditFormatError(f"Cannot read the edit config {path}: {error}") from error
+    if config.get("method") == "stack":
+        return stack(replay(part["config"], pipe, **apply_kwargs) for part in config["parts"])
+    for name in ("method", "method_config", "request"):
+        if name not in config:
+            raise EditFormatError(f"The edit config has no '{name}'; it cannot be replayed.")
+    method = get_method(config["method"], **config["method_config"])
+    request = EraseRequest.from_dict(config["request"])
+    apply_kwargs.setdefault("base_model", config.get("base_model", ""))
+    return method.apply(pipe, request, **apply_kwargs)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Write to a temporary path beside ``path``, renamed to ``path`` only when the block succeeds.
+
+    A crash or error inside the block leaves nothing behind. The temporary path does not exist yet: create a file
+    or a folder there.
+
+    Raises:
+        FileExistsError: If ``path`` exists (nothing is overwritten).
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; choose another output path or remove it first.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    temporary = holder / path.name
+    try:
+        yield temporary
+        if not temporary.exists():
+            raise RuntimeError(f"Nothing was written for {path}.")
+        os.replace(temporary, path)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def _lora_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``B [out, rank]``, ``A [rank, in]`` with ``B A`` the best rank-``rank`` approximation of a 2-D ``delta``.
+
+    Truncated SVD (Eckart-Young): ``delta = U S V^T``, ``B = U_r S_r^(1/2)``, ``A = S_r^(1/2) V_r^T``; factors are
+    zero-padded to exactly ``rank`` columns so every module has the same rank (and LoRA scale ``alpha / r = 1``).
+    """
+    u, singular, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    kept = min(rank, singular.shape[0])
+    root = singular[:kept].sqrt()
+    b = delta.new_zeros((delta.shape[0], rank), dtype=torch.float64)
+    a = delta.new_zeros((rank, delta.shape[1]), dtype=torch.float64)
+    b[:, :kept] = u[:, :kept] * root
+    a[:kept] = root[:, None] * vh[:kept]
+    return b.float(), a.float()
+
+
+def lora_state_dict(edit: Edit, rank: int) -> tuple[dict[str, Tensor], dict[str, Any], list[str]]:
+    """Factor an edit into a LoRA in the peft / diffusers key format.
+
+    Each weight delta of a linear (2-D) or convolution (4-D, factored as ``[out, in*kh*kw]``) layer becomes
+    ``<component>.<module>.lora_A.weight`` / ``lora_B.weight`` (a ``[rank, in, kh, kw]`` conv and a 1x1 conv for
+    4-D), so ``B A`` is the best rank-``rank`` approximation of the delta and exact once ``rank`` reaches the
+    delta's rank. A bias delta of such a layer becomes ``lora_B.bias`` (peft's ``lora_bias``). Other tensors
+    (normalisation weights, a bias without a weight) have no LoRA form and are returned as skipped.
+
+    Args:
+        edit: The edit.
+        rank: LoRA rank ``r`` (``lora_alpha = r``, so the LoRA scale is 1).
+
+    Returns:
+        ``(state_dict, adapter_config, skipped_keys)``; the adapter config is peft's ``LoraConfig`` as a dict.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}.")
+    state: dict[str, Tensor] = {}
+    modules: list[str] = []
+    skipped: list[str] = []
+    weights = {key.removesuffix(".weight"): d for key, d in edit.deltas.items() if key.endswith(".weight")}
+    for key, delta in edit.deltas.items():
+        module = key.rsplit(".", 1)[0]
+        if key.endswith(".weight") and delta.ndim in (2, 4):
+            b, a = _lora_factors(delta.reshape(delta.shape[0], -1), rank)
+            if delta.ndim == 4:
+                a = a.reshape(rank, *delta.shape[1:])
+                b = b[:, :, None, None]
+            state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a.contiguous(), b.contiguous()
+            modules.append(module)
+        elif not (key.endswith(".bias") and module in weights and weights[module].ndim in (2, 4)):
+            skipped.append(key)
+    has_bias = any(key.endswith(".bias") and key not in skipped for key in edit.deltas)
+    if has_bias:  # peft's lora_bias applies to every adapted layer: zeros where the edit left the bias alone
+        for module in modules:
+            bias = edit.deltas.get(f"{module}.bias")
+            out = state[f"{module}.lora_B.weight"].shape[0]
+            state[f"{module}.lora_B.bias"] = (bias if bias is not None else torch.zeros(out)).contiguous()
+    config = {  # peft's LoraConfig of the UNet adapter (keys of the state dict carry the component prefix)
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": sorted(m.removeprefix("unet.") for m in modules if m.startswith("unet.")),
+        "lora_bias": has_bias,
+        "use_dora": False,
+        "bias": "none",
+    }
+    return state, config, skipped
+
+
+def save_lora(edit: Edit, folder: str | Path, rank: int) -> tuple[Path, list[str]]:
+    """Write :func:`lora_state_dict` as ``pytorch_lora_weights.safetensors`` + ``adapter_config.json``, atomically.
+
+    The folder loads with diffusers' ``pipe.load_lora_weights(folder)`` (needs peft installed).
+
+    Returns:
+        ``(folder, skipped_keys)``.
+    """
+    from safetensors.torch import save_file
+
+    state, config, skipped = lora_state_dict(edit, rank)
+    if not state:
+        raise ValueError("This edit has no linear or convolution weight deltas, so it has no LoRA form.")
+    with atomic_output(folder) as temporary:
+        temporary.mkdir()
+        about = {k: edit.config.get(k) for k in ("method", "base_model", "family", "base_fingerprint")}
+        metadata = {"format": "pt", "erasure_edit": json.dumps(_json_safe(about))}
+        save_file(state, str(temporary / LORA_WEIGHTS_NAME), metadata=metadata)
+        (temporary / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if skipped:
+        logger.warning("The LoRA leaves out %d tensor(s) it cannot express, e.g. %s.", len(skipped), skipped[0])
+    return Path(folder), skipped

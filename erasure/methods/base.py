@@ -1,0 +1,286 @@
+"""The common work of every erasure method: the :meth:`EraseMethod.apply` template and parameter presets.
+
+A method is a :class:`MethodConfig` subclass plus an :class:`EraseMethod` subclass that implements one hook,
+:meth:`EraseMethod._erase`, which changes the selected parameters in place. :meth:`EraseMethod.apply` does the rest:
+family check, hiding the held-out prompts, tokenizer checks, parameter selection, snapshot, seeding, NaN check,
+diffing into an :class:`~erasure.edit.Edit`, and restoring the pipeline, so ``apply`` never leaves the pipeline
+changed: the caller applies the returned edit.
+
+Parameter presets (keys ``unet.<diffusers parameter name>``):
+
+* ``xattn``: every cross-attention (``attn2``) parameter (ESD-x, Gandikota et al. 2023);
+* ``xattn_kv``: the cross-attention key and value projection weights (UCE, MACE);
+* ``noxattn``: every UNet parameter except cross-attention, the time (and SDXL added) embeddings and the output
+  layers, as ESD-u's ``noxattn`` in the official ESD code;
+* ``unet``: every UNet parameter;
+* ``text_encoder``: every parameter of the text encoder(s).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from diffusers import DiffusionPipeline
+
+from erasure.concepts import EraseRequest, check_encodable
+from erasure.edit import Edit, fingerprint
+from erasure.pipeline import ModelFamily, detect_family
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PARAMETER_PRESETS",
+    "EraseMethod",
+    "MethodConfig",
+    "NonFiniteEditError",
+    "pipeline_tokenizers",
+    "preset_parameters",
+    "select_unet_parameters",
+]
+
+PARAMETER_PRESETS: dict[str, str] = {
+    "xattn": "every cross-attention (attn2) parameter",
+    "xattn_kv": "cross-attention key and value projection weights (attn2.to_k, attn2.to_v)",
+    "noxattn": "every UNet parameter except cross-attention, time/added embeddings and output layers (ESD-u)",
+    "unet": "every UNet parameter",
+    "text_encoder": "every text encoder parameter",
+}
+_NOXATTN_EXCLUDED_PREFIXES = ("time_embedding.", "add_embedding.", "conv_norm_out.", "conv_out.")
+
+
+class NonFiniteEditError(RuntimeError):
+    """A method produced NaN or infinite weights; the pipeline was restored."""
+
+
+def _is_cross_attention(name: str) -> bool:
+    return ".attn2." in f".{name}"
+
+
+def select_unet_parameters(unet: torch.nn.Module, preset: str) -> dict[str, torch.nn.Parameter]:
+    """UNet parameters of a preset (see the module docstring), keyed ``unet.<name>``.
+
+    Args:
+        unet: A diffusers ``UNet2DConditionModel``.
+        preset: ``xattn``, ``xattn_kv``, ``noxattn`` or ``unet``.
+
+    Returns:
+        The selected parameters (the live ``nn.Parameter`` objects), in module order.
+
+    Raises:
+        ValueError: On an unknown preset.
+    """
+    if preset not in PARAMETER_PRESETS or preset == "text_encoder":
+        raise ValueError(f"Unknown UNet parameter preset {preset!r}; choose from xattn, xattn_kv, noxattn, unet.")
+    selected = {}
+    for name, parameter in unet.named_parameters():
+        if preset == "xattn":
+            keep = _is_cross_attention(name)
+        elif preset == "xattn_kv":
+            keep = _is_cross_attention(name) and name.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
+        elif preset == "noxattn":
+            keep = not _is_cross_attention(name) and not name.startswith(_NOXATTN_EXCLUDED_PREFIXES)
+        else:
+            keep = True
+        if keep:
+            selected[f"unet.{name}"] = parameter
+    return selected
+
+
+def preset_parameters(pipe: DiffusionPipeline, preset: str) -> dict[str, torch.nn.Parameter]:
+    """Parameters of a preset in a whole pipeline: the UNet presets, or ``text_encoder`` (both encoders in SDXL)."""
+    if preset == "text_encoder":
+        selected = {}
+        for component in ("text_encoder", "text_encoder_2"):
+            module = getattr(pipe, component, None)
+            if module is not None:
+                selected |= {f"{component}.{name}": p for name, p in module.named_parameters()}
+        return selected
+    return select_unet_parameters(pipe.unet, preset)
+
+
+def pipeline_tokenizers(pipe: DiffusionPipeline) -> list[Any]:
+    """The pipeline's tokenizers (two for SDXL)."""
+    return [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+
+
+@dataclass
+class MethodConfig:
+    """Settings of a method. Subclasses add fields with ``metadata={"help": ...}`` and validate in ``__post_init__``.
+
+    The fields are the method's command-line options (``erasure erase <method> --help``) and are saved in the edit.
+    """
+
+    seed: int = field(default=0, metadata={"help": "seed of every random choice"})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-friendly dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        """Build from a dict; unknown keys raise a ``ValueError`` that lists the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__} has no option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}."
+            )
+        return cls(**data)
+
+
+@contextlib.contextmanager
+def _preserved_module_state(pipe: DiffusionPipeline) -> Iterator[None]:
+    """Restore every component's ``requires_grad`` flags, absent gradients and train/eval modes on exit."""
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    flags = [(p, p.requires_grad, p.grad is None) for m in modules for p in m.parameters()]
+    modes = [(sub, sub.training) for m in modules for sub in m.modules()]
+    try:
+        yield
+    finally:
+        for parameter, flag, had_no_grad in flags:
+            parameter.requires_grad_(flag)
+            if had_no_grad:
+                parameter.grad = None  # free what training left behind
+        for module, training in modes:
+            module.training = training
+
+
+class EraseMethod:
+    """Base class of erasure methods: subclasses set ``name``/``config_class`` and implement :meth:`_erase`.
+
+    Attributes:
+        name: The registry name (set per instance by :func:`erasure.methods.get_method` for presets).
+        config_class: The method's :class:`MethodConfig` subclass.
+        supported_families: Model families the method handles.
+        parameter_preset: Default parameter selection (see :data:`PARAMETER_PRESETS`).
+        config: This instance's settings.
+    """
+
+    name: ClassVar[str] = "base"
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    supported_families: ClassVar[tuple[ModelFamily, ...]] = (ModelFamily.SD1, ModelFamily.SD2, ModelFamily.SDXL)
+    parameter_preset: ClassVar[str] = "xattn"
+
+    def __init__(self, config: MethodConfig | None = None) -> None:
+        if config is None:
+            config = self.config_class()
+        if not isinstance(config, self.config_class):
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}."
+            )
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, config={self.config})"
+
+    @classmethod
+    def test_config(cls) -> dict[str, Any]:
+        """Config overrides that make the method fast enough for the tiny test pipelines (e.g. few iterations)."""
+        return {}
+
+    def select_parameters(self, pipe: DiffusionPipeline) -> dict[str, torch.nn.Parameter]:
+        """The parameters the method may change, keyed ``unet.<name>`` / ``text_encoder.<name>``."""
+        return preset_parameters(pipe, self.parameter_preset)
+
+    def _erase(
+        self,
+        pipe: DiffusionPipeline,
+        request: EraseRequest,
+        parameters: dict[str, torch.nn.Parameter],
+        *,
+        images: Any = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """The method's hook: change ``parameters`` in place to erase ``request``'s concepts.
+
+        Args:
+            pipe: The pipeline (its weights are restored by :meth:`apply` afterwards).
+            request: The request without held-out prompts.
+            parameters: The selected parameters, to modify in place.
+            images: Optional images of the concepts, for methods that use them.
+            progress: Show a progress bar.
+
+        Returns:
+            JSON-friendly statistics (losses, residuals) stored in the edit.
+        """
+        raise NotImplementedError
+
+    def apply(
+        self,
+        pipe: DiffusionPipeline,
+        request: EraseRequest,
+        *,
+        images: Any = None,
+        progress: bool = True,
+        base_model: str = "",
+    ) -> Edit:
+        """Erase ``request``'s concepts and return the change as an :class:`~erasure.edit.Edit`.
+
+        The pipeline's weights, ``requires_grad`` flags and train/eval modes are the same after the call as
+        before it (also when the method fails); apply the returned edit with ``edit.apply_to(pipe)``.
+
+        Args:
+            pipe: A Stable Diffusion pipeline of a supported family.
+            request: What to erase; its held-out ``evaluate`` prompts are removed before the method sees it.
+            images: Optional images for methods that use them.
+            progress: Show progress bars.
+            base_model: Name of the base model, recorded in the edit.
+
+        Returns:
+            The edit: deltas of the tensors that changed, and metadata.
+
+        Raises:
+            ValueError: Unsupported family, a concept the tokenizer cannot encode, or nothing selected.
+            NonFiniteEditError: The method produced NaN/inf weights.
+        """
+        family = detect_family(pipe)
+        if family not in self.supported_families:
+            supported = ", ".join(str(f) for f in self.supported_families)
+            raise ValueError(f"Method '{self.name}' does not support {family} pipelines (supported: {supported}).")
+        method_request = request.for_method()
+        for tokenizer in pipeline_tokenizers(pipe):
+            check_encodable(tokenizer, method_request)
+        parameters = self.select_parameters(pipe)
+        if not parameters:
+            raise ValueError(f"Method '{self.name}' selected no parameters in this pipeline.")
+        # the snapshot lives on the CPU: on a GPU it would double the memory of large selections (ESD-u)
+        originals = {key: parameter.detach().to("cpu", copy=True) for key, parameter in parameters.items()}
+        device = next(iter(parameters.values())).device
+        rng_devices = [device] if device.type == "cuda" else []
+        try:
+            with _preserved_module_state(pipe), torch.random.fork_rng(devices=rng_devices):
+                torch.manual_seed(self.config.seed)
+                stats = self._erase(pipe, method_request, parameters, images=images, progress=progress)
+            bad = [key for key, p in parameters.items() if not torch.isfinite(p.detach()).all()]
+            if bad:
+                raise NonFiniteEditError(
+                    f"Method '{self.name}' produced non-finite weights in {len(bad)} tensor(s) (first: {bad[0]}); "
+                    "lower the learning rate or raise the regularisation. The pipeline was restored."
+                )
+            deltas = {}
+            for key, parameter in parameters.items():
+                current = parameter.detach().to("cpu")
+                if not torch.equal(current, originals[key]):
+                    deltas[key] = current.float() - originals[key].float()
+        finally:
+            with torch.no_grad():
+                for key, parameter in parameters.items():
+                    parameter.copy_(originals[key])
+        if not deltas:
+            logger.warning("Method '%s' changed no weights.", self.name)
+        config = {
+            "method": self.name,
+            "method_config": self.config.to_dict(),
+            "request": request.to_dict(),
+            "base_model": str(base_model),
+            "family": str(family),
+            "base_fingerprint": fingerprint({key: originals[key] for key in deltas}),
+            "stats": stats or {},
+        }
+        return Edit(deltas, config)

@@ -1,0 +1,122 @@
+"""The closed-form ridge edit of a linear map, shared by UCE, RECE and MACE.
+
+Given a linear map ``W0`` (a cross-attention key or value projection, ``out x d``), inputs ``c_i`` (text token
+embeddings, ``d``), targets ``v_i`` (``out``) and weights ``w_i >= 0``, the edited map minimises
+
+    L(W) = sum_i w_i ||W c_i - v_i||^2 + lam ||W - W0||_F^2,
+
+whose normal equations ``W (sum_i w_i c_i c_i^T + lam I) = sum_i w_i v_i c_i^T + lam W0`` give
+
+    W = (sum_i w_i v_i c_i^T + lam W0) (sum_i w_i c_i c_i^T + lam I)^-1.
+
+UCE (Gandikota et al., "Unified Concept Editing in Diffusion Models", WACV 2024, arXiv 2308.14761, Eq. 7 with
+the ``lambda`` term of the official code) takes erase rows ``(c_i, v_i* = W0 c_anchor)`` weighted by the erase
+scale and preserve rows ``(c_j, W0 c_j)`` weighted by the preserve scale ``lambda_p``:
+
+    W = (sum_E v* c^T + lambda_p sum_P W0 c c^T + lam W0) (sum_E c c^T + lambda_p sum_P c c^T + lam I)^-1.
+
+The Gram matrix depends only on the inputs, so :class:`RidgeSolver` factors it once (float64 LU) and solves for
+every projection that shares the inputs; the inverse is never formed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["RidgeSolver", "ridge_objective", "ridge_solution"]
+
+
+def _solver_device(device: torch.device) -> torch.device:
+    return torch.device("cpu") if device.type == "mps" else device  # MPS has no float64
+
+
+def _weights(inputs: Tensor, weights: Tensor | float | None) -> Tensor:
+    count = inputs.shape[0]
+    if weights is None:
+        return torch.ones(count, dtype=torch.float64, device=inputs.device)
+    weights = torch.as_tensor(weights, dtype=torch.float64, device=inputs.device)
+    if weights.ndim == 0:
+        weights = weights.expand(count)
+    if weights.shape != (count,):
+        raise ValueError(f"weights has shape {tuple(weights.shape)}; expected ({count},), one per input.")
+    if (weights < 0).any():
+        raise ValueError("Ridge weights must be non-negative.")
+    return weights
+
+
+class RidgeSolver:
+    """Factor ``A = sum_i w_i c_i c_i^T + lam I`` once; solve ``W A = sum_i w_i v_i c_i^T + lam W0`` per map.
+
+    Args:
+        inputs: ``[n, d]`` inputs ``c_i``.
+        weights: ``[n]`` non-negative weights ``w_i`` (or one number for all; ``None``: ones).
+        lam: Ridge strength ``lam >= 0`` pulling ``W`` towards ``W0``.
+
+    Raises:
+        ValueError: If ``A`` is singular (``lam = 0`` with fewer independent inputs than ``d``).
+    """
+
+    def __init__(self, inputs: Tensor, weights: Tensor | float | None = None, lam: float = 0.5) -> None:
+        if inputs.ndim != 2:
+            raise ValueError(f"inputs must be [n, d], got shape {tuple(inputs.shape)}.")
+        if lam < 0:
+            raise ValueError(f"lam must be >= 0, got {lam}.")
+        device = _solver_device(inputs.device)
+        self.inputs = inputs.detach().to(device, torch.float64)
+        self.weights = _weights(self.inputs, weights)
+        self.lam = float(lam)
+        dim = self.inputs.shape[1]
+        weighted = self.inputs * self.weights[:, None]
+        gram = weighted.T @ self.inputs + self.lam * torch.eye(dim, dtype=torch.float64, device=device)
+        self.gram = (gram + gram.T) / 2  # exactly symmetric
+        self._lu, self._pivots, info = torch.linalg.lu_factor_ex(self.gram)
+        pivots = self._lu.diagonal().abs()
+        # rank deficiency shows as a pivot at rounding level relative to the largest one
+        tiny = pivots.min() <= dim * torch.finfo(torch.float64).eps * pivots.max()
+        if int(info) != 0 or not torch.isfinite(self._lu).all() or tiny:
+            raise ValueError(
+                f"The ridge system is singular (lam={lam}, {self.inputs.shape[0]} inputs of dimension {dim}); use "
+                "lam > 0."
+            )
+
+    def solve(self, w0: Tensor, targets: Tensor) -> Tensor:
+        """The minimiser ``W`` of ``sum_i w_i ||W c_i - v_i||^2 + lam ||W - W0||^2``.
+
+        Args:
+            w0: ``[out, d]`` original map.
+            targets: ``[n, out]`` targets ``v_i``, one row per input.
+
+        Returns:
+            ``[out, d]`` in ``w0``'s dtype and device.
+        """
+        if w0.ndim != 2 or w0.shape[1] != self.inputs.shape[1]:
+            raise ValueError(f"w0 has shape {tuple(w0.shape)}; expected [out, {self.inputs.shape[1]}].")
+        if targets.shape != (self.inputs.shape[0], w0.shape[0]):
+            raise ValueError(
+                f"targets has shape {tuple(targets.shape)}; expected ({self.inputs.shape[0]}, {w0.shape[0]})."
+            )
+        device = self.inputs.device
+        w0_64 = w0.detach().to(device, torch.float64)
+        targets_64 = targets.detach().to(device, torch.float64)
+        rhs = (targets_64 * self.weights[:, None]).T @ self.inputs + self.lam * w0_64  # [out, d]
+        # W A = rhs with A symmetric  <=>  A W^T = rhs^T
+        solution = torch.linalg.lu_solve(self._lu, self._pivots, rhs.T).T
+        return solution.to(w0.device, w0.dtype)
+
+
+def ridge_solution(
+    w0: Tensor, inputs: Tensor, targets: Tensor, weights: Tensor | float | None = None, lam: float = 0.5
+) -> Tensor:
+    """One-off :meth:`RidgeSolver.solve`: ``W = (sum w v c^T + lam W0)(sum w c c^T + lam I)^-1``."""
+    return RidgeSolver(inputs, weights, lam).solve(w0, targets)
+
+
+def ridge_objective(
+    w: Tensor, w0: Tensor, inputs: Tensor, targets: Tensor, weights: Tensor | float | None = None, lam: float = 0.5
+) -> float:
+    """``sum_i w_i ||W c_i - v_i||^2 + lam ||W - W0||_F^2`` in float64."""
+    inputs_64 = inputs.detach().double()
+    residual = inputs_64 @ w.detach().double().T - targets.detach().double()
+    fit = (_weights(inputs_64, weights) * residual.pow(2).sum(dim=1)).sum()
+    return float(fit + lam * (w.detach().double() - w0.detach().double()).pow(2).sum())

@@ -1,0 +1,167 @@
+"""UCE: Unified Concept Editing (Gandikota, Orgad, Belinkov, Materzynska, Bau; WACV 2024; arXiv 2308.14761).
+
+UCE edits every cross-attention key and value projection ``W`` (``attn2.to_k``, ``attn2.to_v``) in closed form
+so that the text embedding ``c_i`` of an erased concept produces the keys/values the anchor ("guide") concept
+produced, ``v_i* = W0 c_anchor``, while preserved concepts ``c_j`` keep theirs, ``W0 c_j`` (paper Eq. 7, with the
+``lambda`` ridge term of the official code):
+
+    W = (sum_E v_i* c_i^T + lambda_p sum_P W0 c_j c_j^T + lambda W0)
+        (sum_E c_i c_i^T + lambda_p sum_P c_j c_j^T + lambda I)^-1
+
+(erase rows weighted by the erase scale). The solve is :mod:`erasure.methods.closed_form`, shared with RECE/MACE.
+
+Which token embeddings become the ``c_i``:
+
+* ``last_subject``: the last token of the concept's words in each erase prompt (the official code takes the last
+  token of the prompt, which is the same when prompts end with the concept); the anchor's last token (the start
+  token for the unconditional anchor ``""``, as in the official code). Preserve prompts use their last token.
+* ``all_tokens``: every token of the concept's words, mapped to the anchor's last token, plus the prompt's
+  end-of-text token, mapped to the anchor's end-of-text token (it carries the whole prompt through causal
+  attention). Preserve prompts use all their tokens after the start token.
+
+SDXL: the text embeddings are both encoders' hidden states concatenated, as the UNet sees them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from torch import Tensor
+
+from erasure.attention import token_indices
+from erasure.concepts import Concept, EraseRequest
+from erasure.methods import register
+from erasure.methods.base import EraseMethod, MethodConfig
+from erasure.methods.closed_form import RidgeSolver
+from erasure.pipeline import encode_prompts
+
+logger = logging.getLogger(__name__)
+
+TOKEN_MODES = ("last_subject", "all_tokens")
+
+
+@dataclass
+class UCEConfig(MethodConfig):
+    """UCE settings; defaults follow the official code (erase scale 1, preserve scale 1, lambda 0.5)."""
+
+    erase_scale: float = field(default=1.0, metadata={"help": "weight of each erase row (erase scale)"})
+    preserve_scale: float = field(default=1.0, metadata={"help": "weight of each preserve row (lambda_p)"})
+    lamb: float = field(default=0.5, metadata={"help": "ridge strength pulling W towards W0 (lambda)"})
+    tokens: str = field(
+        default="last_subject",
+        metadata={"help": "token embeddings edited: last_subject (official) or all_tokens (concept tokens + EOS)"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.tokens not in TOKEN_MODES:
+            raise ValueError(f"tokens must be one of {', '.join(TOKEN_MODES)}, got {self.tokens!r}.")
+        for name in ("erase_scale", "preserve_scale", "lamb"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if self.erase_scale == 0:
+            raise ValueError("erase_scale = 0 erases nothing; use a positive erase scale.")
+
+
+def _positions(tokenizer: Any, prompt: str) -> tuple[int, int]:
+    """``(last token, end-of-text)`` positions; for ``""`` the last token is the start token (position 0)."""
+    length = len(tokenizer(prompt, truncation=True).input_ids)  # start + tokens + end
+    return max(length - 2, 0), length - 1
+
+
+@register("uce")
+class UCE(EraseMethod):
+    """Unified Concept Editing: closed-form edit of every cross-attention key/value projection."""
+
+    config_class = UCEConfig
+    parameter_preset = "xattn_kv"
+    config: UCEConfig
+
+    def _rows(
+        self, tokenizer: Any, concept: Concept, embeddings: dict[str, Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Erase inputs ``c_i`` and the anchor embeddings whose outputs are their targets."""
+        anchor_last, anchor_end = _positions(tokenizer, concept.anchor)
+        anchor = embeddings[concept.anchor]
+        inputs, anchors = [], []
+        for prompt in concept.erase:
+            found = token_indices(tokenizer, prompt, concept.concept_words)
+            last, end = _positions(tokenizer, prompt)
+            if not found:
+                logger.info("UCE: %r does not contain %s; using its last token.", prompt, concept.concept_words)
+                found = [last]
+            positions = [found[-1]] if self.config.tokens == "last_subject" else found
+            for position in positions:
+                inputs.append(embeddings[prompt][position])
+                anchors.append(anchor[anchor_last])
+            if self.config.tokens == "all_tokens":
+                inputs.append(embeddings[prompt][end])
+                anchors.append(anchor[anchor_end])
+        return inputs, anchors
+
+    def _preserve_rows(self, tokenizer: Any, prompt: str, embedding: Tensor) -> list[Tensor]:
+        last, end = _positions(tokenizer, prompt)
+        if self.config.tokens == "last_subject":
+            return [embedding[last]]
+        return [embedding[position] for position in range(1, end + 1)]
+
+    def _erase(
+        self,
+        pipe: DiffusionPipeline,
+        request: EraseRequest,
+        parameters: dict[str, torch.nn.Parameter],
+        *,
+        images: Any = None,
+        progress: bool = True,
+    ) -> dict[str, Any]:
+        """Solve Eq. 7 for every selected projection and write the result into ``parameters``."""
+        tokenizer = pipe.tokenizer
+        preserve = list(request.preserve_prompts)
+        prompts = list(dict.fromkeys([*request.erase_prompts, *(c.anchor for c in request.concepts), *preserve]))
+        encoded = encode_prompts(pipe, prompts).prompt_embeds.detach().to(torch.float64)
+        embeddings = dict(zip(prompts, encoded, strict=True))
+
+        erase_inputs, anchor_inputs = [], []
+        for concept in request.concepts:
+            inputs, anchors = self._rows(tokenizer, concept, embeddings)
+            erase_inputs += inputs
+            anchor_inputs += anchors
+        preserve_inputs = [row for p in preserve for row in self._preserve_rows(tokenizer, p, embeddings[p])]
+
+        c_erase = torch.stack(erase_inputs)  # [n_e, d]
+        c_anchor = torch.stack(anchor_inputs)  # [n_e, d]
+        c_preserve = torch.stack(preserve_inputs) if preserve_inputs else c_erase.new_zeros((0, c_erase.shape[1]))
+        inputs = torch.cat([c_erase, c_preserve])
+        weights = torch.cat(
+            [
+                torch.full((len(c_erase),), self.config.erase_scale, dtype=torch.float64),
+                torch.full((len(c_preserve),), self.config.preserve_scale, dtype=torch.float64),
+            ]
+        )
+        solver = RidgeSolver(inputs.to(next(iter(parameters.values())).device), weights, self.config.lamb)
+
+        erase_error, preserve_drift = [], []
+        with torch.no_grad():
+            for parameter in parameters.values():
+                w0 = parameter.detach().to(solver.inputs.device, torch.float64)
+                targets = torch.cat([c_anchor.to(w0.device) @ w0.T, c_preserve.to(w0.device) @ w0.T])  # v*, W0 c_j
+                w = solver.solve(w0, targets)
+                parameter.copy_(w.to(parameter.device, parameter.dtype))
+                v_star = targets[: len(c_erase)]
+                erase_error.append(
+                    float((c_erase.to(w.device) @ w.T - v_star).norm() / v_star.norm().clamp_min(1e-12))
+                )
+                if len(c_preserve):
+                    kept = targets[len(c_erase) :]
+                    drift = (c_preserve.to(w.device) @ w.T - kept).norm() / kept.norm().clamp_min(1e-12)
+                    preserve_drift.append(float(drift))
+        return {
+            "edited_projections": len(parameters),
+            "erase_rows": len(c_erase),
+            "preserve_rows": len(c_preserve),
+            "relative_erase_residual": sum(erase_error) / len(erase_error),
+            "relative_preserve_drift": sum(preserve_drift) / len(preserve_drift) if preserve_drift else 0.0,
+        }

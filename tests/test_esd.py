@@ -1,0 +1,212 @@
+import copy
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+import erasure.methods.esd as esd_module
+import erasure.sampling as sampling_module
+from erasure.concepts import Concept, EraseRequest
+from erasure.methods import METHODS, PRESETS, get_method
+from erasure.methods.base import NonFiniteEditError, select_unet_parameters
+from erasure.methods.esd import ESD, ESDConfig, esd_target, original_weights
+from erasure.pipeline import Conditioning, encode_prompts, predict_noise, unconditional_conditioning
+from erasure.sampling import ddim_scheduler, initial_noise
+from erasure.testing import tiny_pipeline
+
+PIP = EraseRequest((Concept(name="pip", kind="character", erase=("a picture of pip",)),))
+FAST = {"iterations": 3, "ddim_steps": 3, "resolution": 16}
+
+
+# --- maths ------------------------------------------------------------------------------------------------------
+
+
+def test_target_is_negative_guidance_from_the_anchor():
+    out_c, out_a = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for eta in (0.5, 1.0, 2.0):
+        target = esd_target(out_c, out_a, eta)
+        torch.testing.assert_close(target - out_a, -eta * (out_c - out_a))  # Eq. 7
+    torch.testing.assert_close(esd_target(out_c, out_a, 1.0), 2 * out_a - out_c)
+
+
+def test_v_space_target_is_the_v_of_the_epsilon_target():
+    """For fixed (x_t, t), v is affine in eps with weights summing to 1, so Eq. 7 commutes with eps -> v."""
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    generator = torch.Generator().manual_seed(0)
+    x_t, eps_c, eps_a = (torch.randn(3, 4, 8, 8, generator=generator, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([10, 500, 990])
+    abar = scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+
+    def velocity(eps):  # diffusers' get_velocity(x_0, eps, t) with x_0 recovered from x_t
+        x_0 = (x_t - (1 - abar).sqrt() * eps) / abar.sqrt()
+        return scheduler.get_velocity(x_0, eps, t)
+
+    for eta in (1.0, 2.0):
+        v_target = esd_target(velocity(eps_c), velocity(eps_a), eta)
+        torch.testing.assert_close(v_target, velocity(esd_target(eps_c, eps_a, eta)))
+
+
+# --- config and registry ----------------------------------------------------------------------------------------
+
+
+def test_variants_are_registered_with_their_parameter_sets():
+    expected = {"esd-x": "xattn", "esd-u": "noxattn", "esd-x-strict": "xattn_kv", "esd-all": "unet"}
+    for name, parameters in expected.items():
+        assert METHODS[name] is ESD and PRESETS[name] == {"parameters": parameters}
+        method = get_method(name)
+        assert method.name == name and method.config.parameters == parameters
+
+
+def test_presets_fill_only_unset_fields():
+    paper = ESDConfig()
+    assert (paper.iterations, paper.lr, paper.eta, paper.sampler) == (1000, 1e-5, 1.0, "edited")
+    newer = ESDConfig(preset="diffusers", iterations=7, lr="1e-4")
+    assert (newer.iterations, newer.lr, newer.eta, newer.sampler) == (7, 1e-4, 2.0, "frozen")
+    assert isinstance(newer.lr, float)
+    assert ESDConfig.from_dict(newer.to_dict()) == newer
+    for bad in ({"preset": "x"}, {"sampler": "x"}, {"parameters": "text_encoder"}, {"eta": 0}, {"lr": -1.0}):
+        with pytest.raises(ValueError):
+            ESDConfig(**bad)
+
+
+# --- frozen weights ---------------------------------------------------------------------------------------------
+
+
+def test_original_weights_swap_in_and_back():
+    pipe = tiny_pipeline("sd1")
+    reference = copy.deepcopy(pipe)
+    trained = list(select_unet_parameters(pipe.unet, "xattn").values())
+    originals = [p.detach().clone() for p in trained]
+    with torch.no_grad():
+        for p in trained:
+            p.add_(0.05)
+    after_training = [p.detach().clone() for p in trained]
+    cond = encode_prompts(pipe, ["a picture of pip"])
+    x = initial_noise(pipe, 1, 16, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = predict_noise(reference, x, 500, cond)
+        with original_weights(trained, originals):
+            torch.testing.assert_close(predict_noise(pipe, x, 500, cond), expected, rtol=0, atol=0)
+        assert not torch.allclose(predict_noise(pipe, x, 500, cond), expected)
+    assert all(torch.equal(p, q) for p, q in zip(trained, after_training, strict=True))
+    with pytest.raises(RuntimeError, match="boom"), original_weights(trained, originals):
+        raise RuntimeError("boom")
+    assert all(torch.equal(p, q) for p, q in zip(trained, after_training, strict=True))
+
+
+@pytest.mark.parametrize("sampler", ["frozen", "edited"])
+def test_frozen_predictions_are_the_original_models_throughout_training(monkeypatch, sampler):
+    pipe = tiny_pipeline("sd1")
+    reference = copy.deepcopy(pipe)
+    frozen_calls, sampling_calls = [], []
+
+    def compare(calls):
+        def wrapped(p, latents, t, cond, *args, **kwargs):
+            out = predict_noise(p, latents, t, cond, *args, **kwargs)
+            with torch.no_grad():
+                calls.append(torch.allclose(out, predict_noise(reference, latents, t, cond, *args, **kwargs)))
+            return out
+
+        return wrapped
+
+    def esd_predict(p, latents, t, cond, *args, **kwargs):
+        if torch.is_grad_enabled():  # eps_theta(x_t, c, t): the model being trained
+            return predict_noise(p, latents, t, cond, *args, **kwargs)
+        return compare(frozen_calls)(p, latents, t, cond, *args, **kwargs)
+
+    monkeypatch.setattr(esd_module, "predict_noise", esd_predict)
+    monkeypatch.setattr(sampling_module, "predict_noise", compare(sampling_calls))
+    config = FAST | {"iterations": 4, "ddim_steps": 3, "lr": 1e-2, "sampler": sampler, "seed": 3}
+    edit = get_method("esd-x", **config).apply(pipe, PIP, progress=False)
+    assert edit.deltas
+    assert len(frozen_calls) == 4 and all(frozen_calls)
+    assert sampling_calls, "no DDIM step was taken; pick another seed"
+    if sampler == "frozen":
+        assert all(sampling_calls)
+    else:
+        assert not all(sampling_calls)  # after the first update the trajectory comes from the edited model
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2"])
+def test_esd_objective_falls(family):
+    """The Eq. 7 objective on held-out noise (x_t at the first DDIM step) drops after training."""
+    pipe = tiny_pipeline(family)
+    cond = encode_prompts(pipe, ["a picture of pip"]).expand(4)
+    uncond = unconditional_conditioning(pipe, 4)
+    x_t = initial_noise(pipe, 4, 16, torch.Generator().manual_seed(123))
+    t = ddim_scheduler(pipe, 1).timesteps[0]
+    with torch.no_grad():
+        out_c, out_a = predict_noise(pipe, torch.cat([x_t, x_t]), t, Conditioning.cat([cond, uncond])).chunk(2)
+        target = esd_target(out_c, out_a, 1.0)
+
+    def objective():
+        with torch.no_grad():
+            return torch.nn.functional.mse_loss(predict_noise(pipe, x_t, t, cond), target).item()
+
+    edit = get_method("esd-x", iterations=10, ddim_steps=1, resolution=16, lr=1e-3).apply(pipe, PIP, progress=False)
+    before = objective()
+    edit.apply_to(pipe)
+    after = objective()
+    assert after < 0.6 * before
+    stats = edit.config["stats"]
+    assert stats["iterations"] == 10 and len(stats["loss_curve"]) == 10
+    assert all(torch.isfinite(torch.tensor(stats["loss_curve"])))
+
+
+@pytest.mark.parametrize("name", ["esd-x", "esd-u", "esd-x-strict", "esd-all"])
+def test_only_the_variants_tensors_change(name):
+    pipe = tiny_pipeline("sd1")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    method = get_method(name, **FAST, lr=1e-3)
+    edit = method.apply(pipe, PIP, progress=False)
+    selected = set(select_unet_parameters(pipe.unet, method.config.parameters))
+    assert edit.deltas and set(edit.deltas) <= selected
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())  # apply() restores
+    keys = list(edit.deltas)
+    if name == "esd-x":
+        assert all(".attn2." in k for k in keys)
+    elif name == "esd-u":
+        assert not any(".attn2." in k or k.startswith("unet.time_embedding.") for k in keys)
+    elif name == "esd-x-strict":
+        assert all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in keys)
+    else:
+        assert any(".attn2." in k for k in keys) and any(".attn2." not in k for k in keys)
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_esd_runs_on_v_prediction_and_sdxl(family):
+    pipe = tiny_pipeline(family)
+    request = EraseRequest((Concept(name="pip", kind="character", erase=("pip", "a picture of pip"), anchor="zog"),))
+    edit = get_method("esd-x", **FAST, lr=1e-3, sampler="frozen").apply(pipe, request, progress=False)
+    assert edit.deltas and all(torch.isfinite(d).all() for d in edit.deltas.values())
+    assert edit.config["stats"]["prompts"] == ["pip", "a picture of pip"]
+
+
+def test_anchor_replaces_the_unconditional_prediction():
+    pipe = tiny_pipeline("sd1")
+    request = EraseRequest(
+        (
+            Concept(name="pip", kind="character", erase=("pip", "a picture of pip"), anchor="zog"),
+            Concept(name="miro", kind="character", erase=("miro",)),
+        )
+    )
+    prompts, cond, anchor, uncond = get_method("esd-x")._conditionings(pipe, request)
+    assert prompts == ["pip", "a picture of pip", "miro"]
+    zog = encode_prompts(pipe, ["zog"]).prompt_embeds[0]
+    torch.testing.assert_close(anchor.prompt_embeds[0], zog)
+    torch.testing.assert_close(anchor.prompt_embeds[1], zog)
+    torch.testing.assert_close(anchor.prompt_embeds[2], uncond.prompt_embeds[0])
+    _, _, always_uncond, _ = get_method("esd-x", anchor="unconditional")._conditionings(pipe, request)
+    torch.testing.assert_close(always_uncond.prompt_embeds, uncond.prompt_embeds.expand(3, -1, -1))
+
+
+def test_nan_loss_raises_and_restores(monkeypatch):
+    pipe = tiny_pipeline("sd1")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    monkeypatch.setattr(esd_module, "esd_target", lambda c, a, eta: torch.full_like(c, float("nan")))
+    with pytest.raises(NonFiniteEditError, match="ESD loss became nan"):
+        get_method("esd-x", **FAST).apply(pipe, PIP, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())

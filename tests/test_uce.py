@@ -1,0 +1,184 @@
+"""UCE (arXiv 2308.14761) and the shared closed-form ridge solver, checked against their defining equations."""
+
+import pytest
+import torch
+
+from erasure.concepts import Concept, EraseRequest, request_from_prompts
+from erasure.edit import pipeline_tensor
+from erasure.methods import get_method
+from erasure.methods.closed_form import RidgeSolver, ridge_objective, ridge_solution
+from erasure.methods.uce import UCEConfig
+from erasure.pipeline import encode_prompts
+from erasure.testing import tiny_pipeline
+
+# --- the ridge solver -------------------------------------------------------------------------------------------
+
+
+def random_problem(n=5, d=7, out=4, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(out, d, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    targets = torch.randn(n, out, generator=generator, dtype=torch.float64)
+    weights = torch.rand(n, generator=generator, dtype=torch.float64) + 0.1
+    return w0, inputs, targets, weights
+
+
+def test_ridge_solution_matches_the_explicit_formula():
+    w0, inputs, targets, weights = random_problem()
+    lam = 0.3
+    left = (targets * weights[:, None]).T @ inputs + lam * w0
+    right = (inputs * weights[:, None]).T @ inputs + lam * torch.eye(inputs.shape[1], dtype=torch.float64)
+    expected = left @ torch.linalg.inv(right)  # an independent reference
+    assert torch.allclose(ridge_solution(w0, inputs, targets, weights, lam), expected, atol=1e-10)
+
+
+def test_ridge_solution_minimises_the_objective():
+    w0, inputs, targets, weights = random_problem(seed=1)
+    w = ridge_solution(w0, inputs, targets, weights, lam=0.5)
+    best = ridge_objective(w, w0, inputs, targets, weights, lam=0.5)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        nudged = w + 1e-3 * torch.randn(w.shape, generator=generator, dtype=torch.float64)
+        assert ridge_objective(nudged, w0, inputs, targets, weights, lam=0.5) > best
+
+
+def test_ridge_solver_factors_once_for_many_maps():
+    w0, inputs, targets, weights = random_problem(seed=3)
+    solver = RidgeSolver(inputs, weights, lam=0.2)
+    other = torch.randn(6, 7, dtype=torch.float64)
+    other_targets = torch.randn(5, 6, dtype=torch.float64)
+    assert torch.allclose(solver.solve(w0, targets), ridge_solution(w0, inputs, targets, weights, 0.2), atol=1e-12)
+    assert torch.allclose(
+        solver.solve(other, other_targets), ridge_solution(other, inputs, other_targets, weights, 0.2), atol=1e-12
+    )
+    assert solver.solve(w0.float(), targets.float()).dtype == torch.float32
+
+
+def test_ridge_solver_limits():
+    w0, inputs, targets, _ = random_problem(n=3, d=7)
+    with pytest.raises(ValueError, match="singular"):
+        RidgeSolver(inputs, lam=0.0)  # 3 inputs cannot determine a 7-dimensional map
+    with pytest.raises(ValueError, match="lam must be"):
+        RidgeSolver(inputs, lam=-1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        RidgeSolver(inputs, weights=torch.tensor([1.0, -1.0, 1.0]))
+    assert torch.allclose(ridge_solution(w0, inputs, targets, lam=1e9), w0, atol=1e-6)  # huge lam keeps W0
+
+
+# --- UCE on tiny pipelines --------------------------------------------------------------------------------------
+
+
+def last_token_embedding(pipe, prompt):
+    """Independent of the method: the last token before end-of-text, the start token for ""."""
+    ids = pipe.tokenizer(prompt).input_ids
+    return encode_prompts(pipe, [prompt]).prompt_embeds[0, max(len(ids) - 2, 0)].double()
+
+
+def kv_keys(edit):
+    return [key for key in edit.deltas if key.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))]
+
+
+@pytest.fixture(scope="module", params=["sd1", "sdxl"])
+def pipe(request):
+    return tiny_pipeline(request.param)
+
+
+def test_uce_edits_exactly_the_cross_attention_key_value_weights(pipe):
+    edit = get_method("uce").apply(pipe, request_from_prompts(["pip"]))
+    expected = {
+        f"unet.{name}"
+        for name, _ in pipe.unet.named_parameters()
+        if name.endswith(("attn2.to_k.weight", "attn2.to_v.weight"))
+    }
+    assert set(edit.deltas) == expected
+    assert all(delta.abs().max() > 0 for delta in edit.deltas.values())
+
+
+def test_uce_satisfies_its_normal_equations(pipe):
+    erase, preserve, anchor = ["pip", "a picture of pip"], ["zog", "a red circle"], "a yellow circle"
+    config = {"erase_scale": 1.5, "preserve_scale": 0.7, "lamb": 0.4}
+    request = request_from_prompts(erase, anchor=anchor, preserve=preserve)
+    edit = get_method("uce", **config).apply(pipe, request)
+    c_erase = torch.stack([last_token_embedding(pipe, p) for p in erase])
+    c_anchor = last_token_embedding(pipe, anchor)
+    c_preserve = torch.stack([last_token_embedding(pipe, p) for p in preserve])
+    for key in kv_keys(edit):
+        w0 = pipeline_tensor(pipe, key).detach().double()
+        w = w0 + edit.deltas[key].double()
+        # d/dW of  s_e sum_E |W c - W0 c_a|^2 + s_p sum_P |W c - W0 c|^2 + lam |W - W0|^2  (halved)
+        erase_term = config["erase_scale"] * (c_erase @ w.T - c_anchor @ w0.T).T @ c_erase
+        preserve_term = config["preserve_scale"] * (c_preserve @ (w - w0).T).T @ c_preserve
+        ridge_term = config["lamb"] * (w - w0)
+        gradient = erase_term + preserve_term + ridge_term
+        assert gradient.norm() < 1e-4 * ridge_term.norm(), key
+
+
+def test_uce_maps_erased_tokens_to_the_anchor_when_unregularised(pipe):
+    erase = ["pip", "a picture of pip"]
+    request = request_from_prompts(erase, anchor="a blue square")
+    edit = get_method("uce", lamb=1e-6).apply(pipe, request)
+    c_anchor = last_token_embedding(pipe, "a blue square")
+    for key in kv_keys(edit):
+        w0 = pipeline_tensor(pipe, key).detach().double()
+        w = w0 + edit.deltas[key].double()
+        target = w0 @ c_anchor
+        for prompt in erase:
+            c = last_token_embedding(pipe, prompt)
+            assert (w @ c - target).norm() < 1e-3 * target.norm(), (key, prompt)
+            assert (w0 @ c - target).norm() > 0.1 * target.norm()  # it was not there before
+
+
+def test_uce_keeps_preserved_outputs(pipe):
+    preserve = ["zog", "a red circle"]
+    request = request_from_prompts(["pip"], preserve=preserve)
+    strong = get_method("uce", lamb=1e-6, preserve_scale=1.0).apply(pipe, request)
+    for key in kv_keys(strong):
+        for prompt in preserve:
+            c = last_token_embedding(pipe, prompt)
+            kept = pipeline_tensor(pipe, key).detach().double() @ c
+            assert (strong.deltas[key].double() @ c).norm() < 1e-3 * kept.norm(), (key, prompt)
+
+
+def test_uce_erases_several_concepts_at_once(pipe):
+    concepts = (
+        Concept(name="pip", kind="character", erase=("pip", "a picture of pip"), anchor=""),
+        Concept(name="striped", kind="style", erase=("a striped red circle",), anchor="a red circle"),
+    )
+    edit = get_method("uce", lamb=1e-6).apply(pipe, EraseRequest(concepts))
+    start = last_token_embedding(pipe, "")  # the anchor "" is the start token, as in the official code
+    striped = encode_prompts(pipe, ["a striped red circle"]).prompt_embeds[0, 2].double()  # "striped" token
+    for key in kv_keys(edit):
+        w0 = pipeline_tensor(pipe, key).detach().double()
+        w = w0 + edit.deltas[key].double()
+        for prompt in ("pip", "a picture of pip"):
+            assert (w @ last_token_embedding(pipe, prompt) - w0 @ start).norm() < 1e-3 * (w0 @ start).norm()
+        target = w0 @ last_token_embedding(pipe, "a red circle")
+        assert (w @ striped - target).norm() < 1e-3 * target.norm()  # the concept's token, not the prompt's last
+
+
+def test_uce_all_tokens_maps_end_of_text_too(pipe):
+    prompt = "a picture of pip"
+    edit = get_method("uce", lamb=1e-6, tokens="all_tokens").apply(pipe, request_from_prompts([prompt]))
+    embeds = encode_prompts(pipe, [prompt, ""]).prompt_embeds.double()
+    end, anchor_end = len(pipe.tokenizer(prompt).input_ids) - 1, 1
+    for key in kv_keys(edit):
+        w0 = pipeline_tensor(pipe, key).detach().double()
+        w = w0 + edit.deltas[key].double()
+        target = w0 @ embeds[1, anchor_end]
+        assert (w @ embeds[0, end] - target).norm() < 1e-3 * target.norm()
+        assert (w @ embeds[0, 4] - w0 @ embeds[1, 0]).norm() < 1e-3 * (w0 @ embeds[1, 0]).norm()
+
+
+def test_uce_config_is_validated():
+    with pytest.raises(ValueError, match="tokens must be"):
+        UCEConfig(tokens="every")
+    with pytest.raises(ValueError, match="lamb must be"):
+        UCEConfig(lamb=-1)
+    with pytest.raises(ValueError, match="no option"):
+        get_method("uce", learning_rate=1.0)
+
+
+def test_uce_refuses_a_concept_the_tokenizer_cannot_encode():
+    pipe = tiny_pipeline("sd2")  # its padding token is "!", so "!" is not a word it can erase
+    with pytest.raises(ValueError, match="encodes to no token"):
+        get_method("uce").apply(pipe, request_from_prompts(["a picture of !"], name="!"))
