@@ -53,6 +53,27 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def caption_targets(captions: list[str], scenes: list) -> dict[str, torch.Tensor]:
+    """Attribute class indices of each caption (``-1`` where the caption is empty), for the text auxiliary loss."""
+    targets = train.scene_targets(scenes)
+    empty = torch.tensor([not caption for caption in captions])
+    return {name: values.masked_fill(empty, -1) for name, values in targets.items()}
+
+
+def write_slow_tokenizer_files(folder: Path) -> None:
+    """Write ``vocab.json`` and ``merges.txt`` from ``tokenizer.json`` where they are missing.
+
+    transformers 5 saves a CLIP tokenizer as ``tokenizer.json`` only; SD 1.x folders (and transformers 4's slow
+    ``CLIPTokenizer``, and conversion scripts) expect the two classic files as well.
+    """
+    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+        return
+    model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model["merges"]]
+    (folder / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+
+
 def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, scaling_factor: float) -> None:
     """Assemble and save a stock diffusers StableDiffusionPipeline folder atomically."""
     from diffusers import StableDiffusionPipeline
@@ -70,6 +91,7 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, scaling_factor:
     )
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     pipe.save_pretrained(tmp, safe_serialization=True)
+    write_slow_tokenizer_files(tmp / "tokenizer")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -152,7 +174,7 @@ def main() -> None:
                                   return_tensors="pt").input_ids  # fmt: skip
             unet, text_encoder, ema = train.train_denoiser(
                 latent_mean, latent_std, token_ids, tokenizer, scaling_factor, budget("denoiser"), device,
-                seed=args.seed, work_dir=args.work_dir, init=init,
+                seed=args.seed, work_dir=args.work_dir, init=init, text_targets=caption_targets(captions, scenes),
             )  # fmt: skip
             report["denoiser_seconds"] = round(time.monotonic() - t0, 1)
             if args.use_ema == "yes":

@@ -97,8 +97,17 @@ def disc_mask(cx: float, cy: float, diameter: float) -> np.ndarray:
 
 
 def rectangle_mask(cx: float, cy: float, width: float, height: float) -> np.ndarray:
-    """Pixels whose centre lies in the axis-aligned rectangle centred at ``(cx, cy)``."""
-    return (np.abs(_PX - cx) <= width / 2) & (np.abs(_PY - cy) <= height / 2)
+    """Pixels whose centre lies in the axis-aligned rectangle centred at ``(cx, cy)``.
+
+    The rectangle is half-open, ``[cx - width / 2, cx + width / 2)`` (and likewise in y), so that a bar of integer
+    thickness covers exactly that many pixels even when its edges fall on pixel centres (a cross of odd ``s`` with
+    even ``round(s / 3)``, for example); a closed interval would add a row there. The ``1e-9`` absorbs rounding
+    in ``cx +- width / 2``.
+    """
+    eps = 1e-9
+    inside_x = (_PX - (cx - width / 2) >= -eps) & (_PX - (cx + width / 2) < -eps)
+    inside_y = (_PY - (cy - height / 2) >= -eps) & (_PY - (cy + height / 2) < -eps)
+    return inside_x & inside_y
 
 
 def shape_mask(shape: str, size: int, left: int, top: int) -> np.ndarray:

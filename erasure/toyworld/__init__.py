@@ -1,0 +1,1 @@
+"""The toy world: a synthetic dataset, its spec renderer, and training of its SD pipeline, CLIP and oracle."""

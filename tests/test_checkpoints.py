@@ -1,0 +1,164 @@
+"""The shipped toy-world checkpoints load with stock tools, offline, and are what the project says they are.
+
+Folders: ``checkpoints/toyworld-sd`` (a diffusers StableDiffusionPipeline), ``checkpoints/toyworld-clip`` (an
+open_clip ``local-dir:`` model) and ``checkpoints/toyworld-oracle`` (the attribute classifier). A test skips only
+when its folder is absent. ``ERASURE_CHECKPOINTS`` points the tests at another folder holding the three.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = Path(os.environ.get("ERASURE_CHECKPOINTS", ROOT / "checkpoints"))
+SD, CLIP, ORACLE = (CHECKPOINTS / name for name in ("toyworld-sd", "toyworld-clip", "toyworld-oracle"))
+MAX_BYTES = 60 * 1024 * 1024
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
+
+
+def require(folder: Path) -> Path:
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent: train it with scripts/train_toyworld.py (or place the shipped checkpoint)")
+    return folder
+
+
+def files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize("folder", [SD, CLIP, ORACLE], ids=lambda p: p.name)
+def test_folder_is_small_safetensors_only_with_a_model_card(folder):
+    require(folder)
+    size = sum(p.stat().st_size for p in files(folder))
+    assert size < MAX_BYTES, f"{folder.name} is {size / 2**20:.1f} MB; the limit is 60 MB"
+    pickles = [str(p.relative_to(folder)) for p in files(folder) if p.suffix in PICKLE_SUFFIXES]
+    assert not pickles, f"pickled weights must not ship: {pickles}"
+    assert any(p.suffix == ".safetensors" for p in files(folder))
+    card = folder / "README.md"
+    assert card.is_file(), f"{folder.name} needs a README.md model card"
+    assert len(card.read_text(encoding="utf-8").strip()) > 200, "the model card says what the model is and how made"
+
+
+# ------------------------------------------------------------------------------------------------- toyworld-sd
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionPipeline
+
+    assert os.environ.get("HF_HUB_OFFLINE") == "1", "these loads must work offline"
+    pipeline = StableDiffusionPipeline.from_pretrained(require(SD))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def test_sd_loads_with_stock_diffusers_as_an_sd1_pipeline(pipe):
+    from diffusers import StableDiffusionPipeline
+
+    from erasure.pipeline import ModelFamily, detect_family, load_pipeline
+
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert getattr(pipe, "safety_checker", None) is None
+    assert [n for n, _ in pipe.unet.named_modules() if n.endswith("attn2")], "cross-attention modules named attn2"
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    assert pipe.vae.config.latent_channels == pipe.unet.config.in_channels == 4
+    assert detect_family(pipe) is ModelFamily.SD1
+    assert detect_family(load_pipeline(SD)) is ModelFamily.SD1
+
+
+def test_sd_tokenizer_is_the_toy_tokenizer_in_sd1_layout(pipe, tmp_path):
+    from transformers import CLIPTokenizer
+
+    from erasure.toyworld.captions import TEMPLATES, all_subjects
+    from erasure.toyworld.tokenizer import build_vocabulary
+
+    folder = SD / "tokenizer"
+    assert (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file(), "slow tokenizer files"
+    assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 77
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):  # the classic files, without tokenizer.json
+        shutil.copy(folder / name, tmp_path / name)
+    slow = CLIPTokenizer.from_pretrained(tmp_path)
+    vocab, merges = build_vocabulary()
+    assert json.loads((folder / "vocab.json").read_text(encoding="utf-8")) == vocab
+    assert [m for m in (folder / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] if m] == merges
+    tokenizer = pipe.tokenizer
+    assert tokenizer.model_max_length == 77
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    for text in [t.format(x=s) for s in all_subjects() for t in TEMPLATES]:
+        ids = tokenizer(text).input_ids
+        assert len(ids) == len(text.split()) + 2, f"{text!r}: a toy word splits"
+        assert slow(text).input_ids == ids
+
+
+def test_sd_scheduler_is_ddim_compatible(pipe):
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_pretrained(SD, subfolder="scheduler")
+    config = scheduler.config
+    assert (config.beta_schedule, config.beta_start, config.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert config.num_train_timesteps == 1000 and config.prediction_type == "epsilon"
+    assert DDIMScheduler.from_config(pipe.scheduler.config).config.beta_schedule == "scaled_linear"
+
+
+def test_sd_generates_a_64x64_image_in_2_steps(pipe):
+    generator = torch.Generator().manual_seed(0)
+    images = pipe("a picture of a red circle", num_inference_steps=2, generator=generator, output_type="np").images
+    assert images.shape == (1, 64, 64, 3)
+    assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
+
+
+# ----------------------------------------------------------------------------------------------- toyworld-clip
+@pytest.fixture(scope="module")
+def clip():
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{require(CLIP)}")
+    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{CLIP}")
+
+
+def test_clip_loads_through_open_clip_local_dir(clip):
+    from PIL import Image
+
+    model, preprocess, tokenizer = clip
+    pixels = preprocess(Image.new("RGB", (64, 64), (255, 255, 255)))
+    assert pixels.shape == (3, 64, 64)
+    with torch.no_grad():
+        image = model.encode_image(pixels[None])
+        text = model.encode_text(tokenizer(["a red circle", "Pip"]))
+    assert image.shape[1] == text.shape[1] and torch.isfinite(image).all() and torch.isfinite(text).all()
+
+
+def test_clip_loads_through_load_clip(clip):
+    evaluate = pytest.importorskip("erasure.evaluate")
+    if not hasattr(evaluate, "load_clip"):
+        pytest.skip("erasure.evaluate has no load_clip")
+    model, _, _ = evaluate.load_clip(str(CLIP))
+    reference = clip[0].state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+
+
+def test_clip_is_trained_zero_shot_beats_chance(clip):
+    from erasure.toyworld.quality import ToyClipJudge, accuracy, fresh_renders
+
+    images, labels = fresh_renders(60, seed=2024)
+    verdicts = ToyClipJudge(*clip).predict(images)
+    scores = accuracy(verdicts, labels)
+    assert min(scores.values()) > 0.7, scores  # chance: 0.2 (colour) to 0.5 (character: none or not)
+
+
+# --------------------------------------------------------------------------------------------- toyworld-oracle
+def test_oracle_loads_and_reads_fresh_renders():
+    from erasure.toyworld.models import ORACLE_HEADS
+    from erasure.toyworld.quality import accuracy, fresh_renders, load_oracle, oracle_predict
+
+    oracle = load_oracle(require(ORACLE))
+    config = json.loads((ORACLE / "oracle_config.json").read_text())
+    assert {k: tuple(v) for k, v in config["heads"].items()} == ORACLE_HEADS
+    images, labels = fresh_renders(60, seed=2024)
+    scores = accuracy(oracle_predict(oracle, images), labels)
+    assert min(scores.values()) > 0.9, scores

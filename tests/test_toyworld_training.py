@@ -1,0 +1,283 @@
+"""Micro-training of every toy-world stage, resuming, and the driver's save formats.
+
+Each stage runs two or three optimizer steps on a few dozen renders with small batches; the UNet, VAE and text
+encoder configs are shrunk (module-wide) so the whole file stays fast on a CPU. The saved folders are loaded with
+the stock loaders only: ``diffusers.StableDiffusionPipeline.from_pretrained`` and open_clip's ``local-dir:``.
+"""
+
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from erasure.toyworld import models, train
+from erasure.toyworld.models import ORACLE_HEADS
+from erasure.toyworld.train import StageBudget
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+BATCH = 8
+
+TINY_VAE = dict(models.VAE_CONFIG, block_out_channels=[8, 16, 16], norm_num_groups=8)
+TINY_TEXT_HIDDEN = 32
+TINY_UNET = dict(
+    models.UNET_CONFIG,
+    block_out_channels=[16, 16, 32],
+    layers_per_block=1,
+    norm_num_groups=8,
+    attention_head_dim=4,
+    cross_attention_dim=TINY_TEXT_HIDDEN,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_configs():
+    """Shrink the SD-architecture models for the whole module (the oracle and CLIP are small already)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models, "VAE_CONFIG", TINY_VAE)
+        patch.setattr(models, "UNET_CONFIG", TINY_UNET)
+        patch.setattr(models, "TEXT_HIDDEN", TINY_TEXT_HIDDEN)
+        yield
+
+
+@pytest.fixture(scope="module")
+def script():
+    """``scripts/train_toyworld.py`` as a module (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location("train_toyworld_script", ROOT / "scripts" / "train_toyworld.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data():
+    """40 training examples: images, captions, scenes."""
+    return train.render_dataset(40, seed=0, workers=1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from transformers import CLIPTokenizer
+
+    from erasure.toyworld.tokenizer import write_tokenizer_files
+
+    return CLIPTokenizer.from_pretrained(write_tokenizer_files(tmp_path_factory.mktemp("tok") / "tokenizer"))
+
+
+def _snapshot(state: dict) -> dict:
+    return {
+        key: {name: tensor.detach().clone() for name, tensor in value.items()}
+        for key, value in state.items()
+        if key != "optimizer"
+    }
+
+
+@pytest.fixture
+def loops(monkeypatch):
+    """Record every training loop: its start step, the weights it starts from and each step's loss."""
+    calls = []
+    original = train._loop
+
+    def recording_loop(name, budget, step_fn, state_fn, work_dir, start_step=0, **kwargs):
+        call = {"name": name, "start": start_step, "initial": _snapshot(state_fn()), "losses": []}
+        calls.append(call)
+
+        def step(index, progress):
+            loss = step_fn(index, progress)
+            call["losses"].append(loss)
+            return loss
+
+        return original(name, budget, step, state_fn, work_dir, start_step, **kwargs)
+
+    monkeypatch.setattr(train, "_loop", recording_loop)
+    return calls
+
+
+def assert_same_state(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for key in a:
+        assert torch.equal(a[key].cpu(), b[key].cpu()), f"{what}: {key}"
+
+
+def assert_ran(call, start, steps):
+    assert call["start"] == start
+    assert len(call["losses"]) == steps
+    assert all(math.isfinite(loss) for loss in call["losses"]), call["losses"]
+
+
+def assert_resumed(work_dir: Path, name: str, run, loops, keys) -> None:
+    """A second call with a larger budget restarts from the saved step and the saved weights."""
+    saved = torch.load(work_dir / f"{name}.pt", map_location="cpu", weights_only=False)
+    assert saved["step"] == 2 and saved.get("finished")
+    run(StageBudget(3))
+    assert_ran(loops[-1], start=2, steps=1)
+    for key in keys:
+        assert_same_state(loops[-1]["initial"][key], saved[key], f"{name} resumed {key}")
+    assert torch.load(work_dir / f"{name}.pt", map_location="cpu", weights_only=False)["step"] == 3
+
+
+# ------------------------------------------------------------------------------------------------------ stages
+def test_oracle_trains_resumes_and_round_trips(data, loops, tmp_path, script):
+    from erasure.toyworld.quality import load_oracle, oracle_predict
+
+    images, _, scenes = data
+
+    def run(budget):
+        return train.train_oracle(images, scenes, budget, CPU, batch_size=BATCH, work_dir=tmp_path)
+
+    oracle = run(StageBudget(2))
+    assert_ran(loops[0], start=0, steps=2)
+    assert_resumed(tmp_path, "oracle", run, loops, ["model"])
+
+    script.save_oracle(tmp_path / "toyworld-oracle", oracle)
+    assert {p.suffix for p in (tmp_path / "toyworld-oracle").iterdir()} == {".safetensors", ".json"}
+    loaded = load_oracle(tmp_path / "toyworld-oracle")
+    assert_same_state(loaded.state_dict(), oracle.state_dict(), "oracle")
+    verdicts = oracle_predict(loaded, images[:4])
+    assert len(verdicts) == 4
+    assert all(v[head] in values for v in verdicts for head, values in ORACLE_HEADS.items())
+
+
+def test_vae_trains_and_resumes(data, loops, tmp_path):
+    images = data[0]
+
+    def run(budget):
+        return train.train_vae(images, budget, CPU, batch_size=BATCH, work_dir=tmp_path)
+
+    vae = run(StageBudget(2))
+    assert_ran(loops[0], start=0, steps=2)
+    assert_resumed(tmp_path, "vae", run, loops, ["model"])
+    mean, std = train.encode_latents(vae, images[:5], CPU)
+    assert mean.shape == std.shape == (5, 4, 16, 16)
+    assert torch.isfinite(mean).all() and (std > 0).all()
+
+
+@pytest.fixture(scope="module")
+def latents(data):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = models.build_vae().eval()
+    return train.encode_latents(vae, data[0], CPU)
+
+
+def test_denoiser_with_text_targets_trains_and_resumes(data, latents, tokenizer, loops, tmp_path, script):
+    _, captions, scenes = data
+    token_ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    token_ids = token_ids.input_ids
+    targets = script.caption_targets(captions, scenes)
+    empty = torch.tensor([not c for c in captions])
+    assert empty.any(), "the fixture should contain an empty caption"
+    for name, values in ORACLE_HEADS.items():
+        assert (targets[name][empty] == -1).all() and (targets[name][~empty] < len(values)).all()
+
+    def run(budget, text_targets=targets, work_dir=tmp_path):
+        return train.train_denoiser(*latents, token_ids, tokenizer, 1.0, budget, CPU, batch_size=BATCH,
+                                    work_dir=work_dir, text_targets=text_targets)  # fmt: skip
+
+    # Same seed, same first batch and noise: the auxiliary cross-entropy adds about 0.1 * sum(log K) to the loss.
+    run(StageBudget(1), text_targets=None, work_dir=None)
+    unet, text_encoder, ema = run(StageBudget(2))
+    plain_loss, aux_loss = loops[0]["losses"][0], loops[1]["losses"][0]
+    chance = 0.1 * sum(math.log(len(values)) for values in ORACLE_HEADS.values())
+    assert 0.5 * chance < aux_loss - plain_loss < 2 * chance
+    assert_ran(loops[1], start=0, steps=2)
+    assert "text_heads" in torch.load(tmp_path / "denoiser.pt", weights_only=False)
+    keys = ["unet", "text_encoder", "ema_unet", "ema_text_encoder", "text_heads"]
+    assert_resumed(tmp_path, "denoiser", run, loops, keys)
+
+    # the EMA shadow moved towards the live weights but is not them
+    live, shadow = dict(unet.named_parameters()), dict(ema.shadow["unet"].named_parameters())
+    assert any(not torch.equal(live[k], shadow[k]) for k in live)
+    assert ema.shadow["text_encoder"].config.hidden_size == text_encoder.config.hidden_size
+
+
+def test_clip_trains_resumes_and_loads_through_open_clip(data, loops, tmp_path, script):
+    import open_clip
+    from PIL import Image
+
+    images, captions, scenes = data
+
+    def run(budget):
+        return train.train_clip(images, scenes, captions, budget, CPU, batch_size=BATCH, work_dir=tmp_path)
+
+    model = run(StageBudget(2))
+    assert_ran(loops[0], start=0, steps=2)
+    assert_resumed(tmp_path, "clip", run, loops, ["model"])
+
+    out = tmp_path / "toyworld-clip"
+    script.save_clip(out, model)
+    assert {p.suffix for p in out.iterdir()} == {".safetensors", ".json"}
+    loaded, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    assert_same_state(loaded.state_dict(), model.state_dict(), "clip")
+    pixels = preprocess(Image.fromarray(images[0]))
+    assert pixels.shape == (3, 64, 64)
+    assert pixels.min() >= -1 and pixels.max() <= 1  # mean 0.5, std 0.5: the [-1, 1] range training used
+    text = open_clip.get_tokenizer(f"local-dir:{out}")(["a red circle"])
+    with torch.no_grad():
+        assert loaded.encode_image(pixels[None]).shape == loaded.encode_text(text).shape == (1, 128)
+
+    evaluate = pytest.importorskip("erasure.evaluate")
+    if hasattr(evaluate, "load_clip"):
+        clip, _, _ = evaluate.load_clip(str(out))
+        assert_same_state(clip.state_dict(), model.state_dict(), "clip via load_clip")
+
+
+def test_render_dataset_chunks_are_seeded():
+    a = train.render_dataset(10, seed=3, workers=1, chunk=4)
+    b = train.render_dataset(10, seed=3, workers=1, chunk=4)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1] == b[1] and len(a[2]) == 10
+    assert not np.array_equal(a[0], train.render_dataset(10, seed=4, workers=1, chunk=4)[0])
+
+
+# -------------------------------------------------------------------------------------------- saved pipeline
+def test_save_pipeline_writes_a_stock_sd1_folder(tmp_path, tokenizer, script):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from erasure.pipeline import ModelFamily, detect_family, load_pipeline
+
+    torch.manual_seed(0)
+    vae, unet = models.build_vae(), models.build_unet()
+    text_encoder = models.build_text_encoder(tokenizer)
+    out = tmp_path / "toyworld-sd"
+    script.save_pipeline(out, vae, unet, text_encoder, tokenizer, scaling_factor=0.7)
+
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}], "safetensors only"
+    assert {p.parent.name for p in files if p.suffix == ".safetensors"} == {"unet", "vae", "text_encoder"}
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".toyworld-sd")], "no temporary left behind"
+
+    # the classic tokenizer files alone load to the same tokenizer (SD 1.x layout, end-of-text padding)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(out / "tokenizer" / name, tmp_path / name)
+    slow = CLIPTokenizer.from_pretrained(tmp_path)
+    assert slow("a striped red circle").input_ids == tokenizer("a striped red circle").input_ids
+    config = json.loads((out / "tokenizer" / "tokenizer_config.json").read_text())
+    assert config["model_max_length"] == 77
+
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae.config.scaling_factor == 0.7
+    assert pipe.tokenizer.model_max_length == 77 and pipe.tokenizer.pad_token == pipe.tokenizer.eos_token
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    scheduler = pipe.scheduler.config
+    assert (scheduler.beta_schedule, scheduler.beta_start, scheduler.beta_end) == ("scaled_linear", 0.00085, 0.012)
+    assert scheduler.num_train_timesteps == 1000 and scheduler.prediction_type == "epsilon"
+    assert any(name.endswith("attn2") for name, _ in pipe.unet.named_modules())
+    assert_same_state(pipe.unet.state_dict(), unet.state_dict(), "unet")
+    assert_same_state(pipe.text_encoder.state_dict(), text_encoder.state_dict(), "text_encoder")
+
+    image = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images  # fmt: skip
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    assert detect_family(load_pipeline(out)) is ModelFamily.SD1
+
+    # saving again replaces the folder atomically
+    script.save_pipeline(out, vae, unet, text_encoder, tokenizer, scaling_factor=0.5)
+    assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == 0.5
