@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m erasure demo --out runs/demo
+	$(PY) -m erasure demo --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q

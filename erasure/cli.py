@@ -1,0 +1,656 @@
+"""Command line: ``erasure <command> ...``. Wiring only; the work lives in the library modules.
+
+Each command is one ``_add_<command>(subparsers)`` function that declares its arguments and sets ``handler`` to a
+``_run_<command>(args) -> int`` function. ``COMMANDS`` lists them in the order ``--help`` shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from erasure import __version__
+
+TOYWORLD_SD = Path(__file__).resolve().parent.parent / "checkpoints" / "toyworld-sd"
+
+
+# --- demo -------------------------------------------------------------------------------------------------------
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="the main job on the shipped toy-world checkpoint",
+        description="Erase Pip from the shipped toy-world checkpoint with UCE, then write a labelled sample grid, "
+        "the edit, a base-vs-edited grid, the CLIP evaluation and an HTML report under --out.",
+    )
+    parser.add_argument("--model", default=str(TOYWORLD_SD), help="pipeline to use (default: shipped toy world)")
+    parser.add_argument("--concept", default=None, help="concept file (default: prompts/toyworld/pip.toml)")
+    parser.add_argument("--method", default="uce", help="erasure method (default: uce)")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--guidance", type=float, default=8.0, help="classifier-free guidance scale")
+    parser.add_argument("--seeds-per-prompt", type=int, default=4, help="seeds per held-out evaluation prompt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from erasure.demo import PIP_CONCEPT, run_demo
+
+    paths = run_demo(
+        args.out,
+        model=args.model,
+        concept=args.concept or PIP_CONCEPT,
+        method=args.method,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        seeds_per_prompt=args.seeds_per_prompt,
+        overwrite=args.overwrite,
+    )
+    for name, path in paths.items():
+        print(f"{name:>10}: {path}")
+    return 0
+
+
+# --- evaluate ---------------------------------------------------------------------------------------------------
+
+
+def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
+    from erasure.evaluate import CLIP_CHOICES, DEFAULT_CLIP
+
+    choices = "; ".join(f"{name} ({why})" for name, why in CLIP_CHOICES.items())
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score base and edited models on the same prompts and seeds",
+        description=(
+            "Generate images from the base model and from each edit (same prompts, same seeds), or read a folder "
+            "of images, and score them with CLIP: CLIP score, zero-shot efficacy/specificity/generality, paired "
+            "preservation and CMMD. Writes OUT/images/<model>/, OUT/metrics.json and OUT/per_image.csv "
+            "(atomically). Scale out with `accelerate launch -m erasure evaluate ...`: the images are split between "
+            "the processes and merged in prompt order."
+        ),
+    )
+    parser.add_argument("--model", help="base pipeline: hub id, diffusers folder or .safetensors file")
+    parser.add_argument(
+        "--edit", nargs="+", action="extend", default=[], metavar="RUN", help="edit folder(s); each is one model"
+    )
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="FILE",
+        help="partial UNet state dict(s) in .safetensors (diffusers names, as ESD's/UCE's scripts save them)",
+    )
+    parser.add_argument("--concept", type=Path, help="TOML concept file: its evaluate/evaluate_preserve prompts")
+    parser.add_argument("--prompts", type=Path, help="prompt CSV (case_number, prompt, evaluation_seed[, ...])")
+    parser.add_argument(
+        "--images", type=Path, help="score this folder of images (or its subfolders, one per model) instead"
+    )
+    parser.add_argument(
+        "--clip",
+        default=None,
+        help=f"CLIP as NAME:TAG or a folder (default: the toy CLIP beside a toy-world model, else {DEFAULT_CLIP}). "
+        f"Choices: {choices}",
+    )
+    parser.add_argument(
+        "--template",
+        action="append",
+        dest="templates",
+        metavar="TEXT",
+        help="zero-shot template with {} for the class (repeatable; default depends on the CLIP)",
+    )
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument(
+        "--seeds-per-prompt",
+        type=int,
+        default=1,
+        help="images per prompt: seeds evaluation_seed+i for a CSV row, seeds SEED+i for a concept prompt",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="first seed of concept-file prompts (default 0)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call / CLIP forward")
+    parser.add_argument("--height", type=int, help="image height (default: the model's native size)")
+    parser.add_argument("--width", type=int, help="image width (default: the model's native size)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: accelerate's device)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"), help="pipeline dtype"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.set_defaults(handler=_run_evaluate)
+
+
+def _default_clip(model: str | None) -> str:
+    from erasure.evaluate import DEFAULT_CLIP
+
+    if model:
+        path = Path(model).expanduser()
+        toy_clip = path.parent / "toyworld-clip"
+        if path.name == "toyworld-sd" and (toy_clip / "open_clip_config.json").is_file():
+            return str(toy_clip)
+    return DEFAULT_CLIP
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from erasure.evaluate import EvaluationError, PromptSource, run_evaluation
+    from erasure.prompt_sets import file_sha256, load_prompt_csv, rows_from_request
+
+    if args.concept and args.prompts:
+        raise EvaluationError("Give --concept or --prompts, not both.")
+    if not (args.concept or args.prompts or args.images):
+        raise EvaluationError("Say what to evaluate: --concept FILE, --prompts CSV or --images DIR.")
+    if args.images and args.model:
+        raise EvaluationError("--images scores given images; drop --model (or drop --images to generate).")
+    if not args.images and not args.model:
+        raise EvaluationError("--model is required to generate images (or pass --images DIR to score a folder).")
+    if args.seeds_per_prompt < 1:
+        raise EvaluationError("--seeds-per-prompt must be at least 1.")
+    rows, source, images_per_row = None, None, args.seeds_per_prompt
+    if args.concept:
+        from erasure.concepts import load_concepts
+
+        try:
+            rows = rows_from_request(load_concepts(args.concept), args.seeds_per_prompt, base_seed=args.seed)
+        except ValueError as error:
+            raise EvaluationError(f"{args.concept}: {error}") from error
+        source, images_per_row = PromptSource("concepts", str(args.concept), file_sha256(args.concept)), 1
+    elif args.prompts:
+        rows = load_prompt_csv(args.prompts)
+        source = PromptSource("csv", str(args.prompts), file_sha256(args.prompts))
+    out = run_evaluation(
+        args.out,
+        model=args.model,
+        edits=args.edit,
+        weights=args.weights,
+        rows=rows,
+        prompt_source=source,
+        images=args.images,
+        clip=args.clip or _default_clip(args.model),
+        templates=args.templates,
+        steps=args.steps,
+        guidance=args.guidance,
+        images_per_row=images_per_row,
+        batch_size=args.batch_size,
+        height=args.height,
+        width=args.width,
+        device=args.device,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        progress=sys.stderr.isatty(),
+    )
+    if out is None:  # a non-main process of `accelerate launch`
+        return 0
+    _print_metrics(out / "metrics.json")
+    print(f"wrote {out}")
+    return 0
+
+
+def _print_metrics(path: Path) -> None:
+    import json
+
+    document = json.loads(path.read_text(encoding="utf-8"))
+    columns = ("clip_score", "efficacy", "specificity", "generality", "harmonic_mean", "paired_preservation", "cmmd")
+    width = max(len(label) for label in document["metrics"]) + 2
+    print("model".ljust(width) + "".join(name.rjust(21) for name in columns))
+    for label, metrics in document["metrics"].items():
+        cells = ("-" if metrics.get(n) is None else f"{metrics[n]:.4g}" for n in columns)
+        print(label.ljust(width) + "".join(cell.rjust(21) for cell in cells))
+
+
+# --- erase ------------------------------------------------------------------------------------------------------
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make argparse errors of ``parser`` one line on stderr with exit status 1."""
+
+    def error(message: str) -> None:
+        if message.startswith("argument METHOD: invalid choice"):
+            from erasure.methods import method_names
+
+            chosen = message.split("invalid choice: ", 1)[1].split(" (", 1)[0]
+            message = f"unknown method {chosen}; choose from {', '.join(method_names())}"
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def _field_type(field: object) -> type:
+    """The argparse type of a config field: from its default, else from its annotation (``float | None``)."""
+    import dataclasses
+
+    assert isinstance(field, dataclasses.Field)
+    default = field.default
+    if default is not dataclasses.MISSING and default is not None:
+        return type(default)
+    annotation = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+    for name, kind in (("bool", bool), ("float", float), ("int", int)):
+        if name in annotation.replace(" ", "").split("|"):
+            return kind
+    return str
+
+
+_ERASE_FLAGS = {
+    *("-h", "--help", "--model", "--concept", "--prompt", "--name", "--kind", "--anchor", "--preserve", "--images"),
+    *("--out", "--device", "--dtype", "--base-model-name", "--no-progress"),
+}
+
+
+def _method_options(name: str) -> list[tuple[object, str, object]]:
+    """``(field, flag, default)`` for each config field of method ``name``, with its registered defaults.
+
+    A field whose flag would clash with an ``erase`` option (a method's own ``anchor`` next to the concept's
+    ``--anchor``) is spelled ``--method-<field>``.
+    """
+    import dataclasses
+
+    from erasure.methods import METHODS, PRESETS
+
+    options = []
+    for field in dataclasses.fields(METHODS[name].config_class):
+        default = PRESETS[name].get(field.name, field.default)
+        if default is dataclasses.MISSING:
+            default = field.default_factory() if field.default_factory is not dataclasses.MISSING else None
+        flag = "--" + field.name.replace("_", "-")
+        if flag in _ERASE_FLAGS:
+            flag = "--method-" + field.name.replace("_", "-")
+        options.append((field, flag, default))
+    return options
+
+
+def _add_method_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """One option per field of the method's config dataclass (type from its default or annotation)."""
+    from erasure.methods import METHODS
+
+    cls = METHODS[name]
+    group = parser.add_argument_group(f"{name} options", (cls.__doc__ or "").strip().splitlines()[0])
+    for field, flag, default in _method_options(name):
+        help_text = field.metadata.get("help", "")
+        help_text += f" (default: {default!r})" if default is not None else ""
+        kind = _field_type(field)
+        dest = f"method__{field.name}"
+        if kind is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            choices = field.metadata.get("choices")
+            group.add_argument(
+                flag,
+                dest=dest,
+                type=kind,
+                default=default,
+                choices=choices,
+                metavar=kind.__name__.upper(),
+                help=help_text,
+            )
+
+
+def _add_erase(subparsers: argparse._SubParsersAction) -> None:
+    from erasure.methods import METHODS, method_names
+
+    parser = _one_line_errors(
+        subparsers.add_parser(
+            "erase",
+            help="erase concepts from a model with a method; saves the edit",
+            description="Erase concepts with a method and save the weight change (an edit) to --out. "
+            "`erasure erase METHOD --help` lists the method's options.",
+        )
+    )
+    methods = parser.add_subparsers(title="methods", dest="method", metavar="METHOD")
+    methods.required = True
+    for name in method_names():
+        cls = METHODS[name]
+        summary = (cls.__doc__ or name).strip().splitlines()[0]
+        sub = _one_line_errors(methods.add_parser(name, help=summary, description=summary))
+        sub.add_argument("--model", required=True, help="hub id, diffusers folder or single-file .safetensors")
+        # keep in sync with _ERASE_FLAGS: method options with these names get a --method- prefix
+        what = sub.add_argument_group("what to erase (a concept file, or prompts)")
+        what.add_argument(
+            "--concept", action="append", type=Path, default=[], metavar="FILE", help="TOML concept file"
+        )
+        what.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt to erase (repeat)")
+        what.add_argument("--name", help="concept name of --prompt (default: the first prompt)")
+        what.add_argument("--kind", default="object", help="concept kind of --prompt")
+        what.add_argument("--anchor", default="", help="what --prompt maps to ('' = unconditional)")
+        what.add_argument("--preserve", nargs="+", action="extend", default=[], metavar="P", help="prompts to keep")
+        sub.add_argument("--images", type=Path, help="folder of concept images (subfolders per concept name)")
+        sub.add_argument("--out", type=Path, required=True, help="run folder to write the edit into")
+        sub.add_argument("--device", help="device (default: cuda if available, else cpu)")
+        sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights")
+        sub.add_argument("--base-model-name", help="name of the base model recorded in the edit (default: --model)")
+        sub.add_argument("--no-progress", action="store_true", help="no progress bars")
+        assert {s for action in sub._actions for s in action.option_strings} <= _ERASE_FLAGS
+        _add_method_options(sub, name)
+        sub.set_defaults(handler=_run_erase)
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_images(folder: Path) -> object:
+    """Images of a folder as RGB PIL images; with subfolders, ``{subfolder name: images}``."""
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--images {folder} is not a folder.")
+    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+    def read(path: Path) -> list:
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
+        if not files:
+            raise FileNotFoundError(f"No images (png/jpg/webp/bmp) in {path}.")
+        return [Image.open(p).convert("RGB") for p in files]
+
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
+    return {p.name: read(p) for p in subfolders} if subfolders else read(folder)
+
+
+def _run_erase(args: argparse.Namespace) -> int:
+    import torch
+
+    from erasure.concepts import EraseRequest, load_concepts, request_from_prompts
+    from erasure.edit import CONFIG_NAME
+    from erasure.methods import get_method
+    from erasure.pipeline import load_pipeline
+
+    if bool(args.concept) == bool(args.prompt):
+        raise ValueError("give either --concept FILE (repeatable) or --prompt TEXT (repeatable), not both or neither")
+    if args.out.exists() and (
+        not args.out.is_dir() or (any(args.out.iterdir()) and not (args.out / CONFIG_NAME).exists())
+    ):
+        raise FileExistsError(f"{args.out} exists and is not an edit folder; choose another --out")
+    if args.concept:
+        requests = [load_concepts(path) for path in args.concept]
+        request = EraseRequest(tuple(c for r in requests for c in r.concepts))
+    else:
+        request = request_from_prompts(
+            args.prompt, name=args.name, kind=args.kind, anchor=args.anchor, preserve=args.preserve
+        )
+    overrides = {
+        key.removeprefix("method__"): value for key, value in vars(args).items() if key.startswith("method__")
+    }
+    method = get_method(args.method, **overrides)
+    images = _load_images(args.images) if args.images is not None else None
+    pipe = load_pipeline(args.model, device=_device(args.device), dtype=getattr(torch, args.dtype))
+    edit = method.apply(
+        pipe, request, images=images, progress=not args.no_progress, base_model=args.base_model_name or str(args.model)
+    )
+    folder = edit.save(args.out)
+    names = ", ".join(c.name for c in request.concepts)
+    print(f"erased {names} with {method.name}: {len(edit.deltas)} tensors changed; wrote {folder}")
+    return 0
+
+
+# --- export -----------------------------------------------------------------------------------------------------
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="write an edit as a diffusers folder, a LoRA or a single-file checkpoint",
+        description="Apply a saved edit to its base model and write the result in another format.",
+    )
+    parser.add_argument("run", type=Path, metavar="RUN", help="run folder holding the edit")
+    parser.add_argument("--model", help="base model (default: the one recorded in the edit; LoRA needs none)")
+    parser.add_argument("--format", required=True, choices=["diffusers", "lora", "single-file"], help="output format")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (.safetensors file for single-file)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--scale", type=float, default=1.0, help="strength of the edit (diffusers, single-file)")
+    parser.add_argument("--device", help="device (default: cuda if available, else cpu)")
+    parser.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from erasure.edit import Edit, atomic_output, save_lora
+    from erasure.pipeline import load_pipeline, save_single_file
+
+    if args.out.exists():
+        raise FileExistsError(f"{args.out} already exists; choose another --out")
+    edit = Edit.load(args.run)
+    if args.format == "lora":
+        folder, skipped = save_lora(edit, args.out, args.rank)
+        note = f" (left out {len(skipped)} tensors a LoRA cannot hold, e.g. {skipped[0]})" if skipped else ""
+        print(f"wrote LoRA (rank {args.rank}) to {folder}{note}")
+        return 0
+    if args.format == "single-file" and args.out.suffix != ".safetensors":
+        raise ValueError(f"--out {args.out} must end in .safetensors for --format single-file")
+    model = args.model or edit.config.get("base_model")
+    if not model:
+        raise ValueError("the edit records no base model; pass --model")
+    pipe = load_pipeline(model, device=_device(args.device))
+    edit.apply_to(pipe, scale=args.scale)
+    with atomic_output(args.out) as temporary:
+        if args.format == "diffusers":
+            pipe.save_pretrained(temporary, safe_serialization=True)
+        else:
+            save_single_file(pipe, temporary)
+    print(f"wrote {args.format} model to {args.out}")
+    return 0
+
+
+# --- list -------------------------------------------------------------------------------------------------------
+
+
+def _add_list(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("list", help="list erasure methods with their options and defaults")
+    parser.set_defaults(handler=_run_list)
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    from erasure.methods import METHODS, method_names
+
+    for name in method_names():
+        cls = METHODS[name]
+        summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name}: {summary}")
+        for field, flag, default in _method_options(name):
+            print(f"    {flag} = {default!r}  {field.metadata.get('help', '')}")
+    return 0
+
+
+# --- grid -------------------------------------------------------------------------------------------------------
+
+
+def _add_grid(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "grid",
+        help="labelled image grid: base model against each edit, same prompt and seed per row",
+        description=(
+            "Draw a comparison grid: one row per prompt (erased prompts first, then held-out paraphrases, then "
+            "preserved neighbours), one column per model (base first, then each --edit), every image of a row from "
+            "the same prompt and seed. Either generate (--model, --edit, and --concept or --prompts) or draw saved "
+            "images (--images, folders written by `erasure evaluate`). Writes OUT (PNG) and OUT with .json (a "
+            "manifest of prompts, seeds, models and settings), atomically."
+        ),
+    )
+    parser.add_argument("--model", help="base pipeline: hub id, diffusers folder or .safetensors file")
+    parser.add_argument(
+        "--edit", nargs="+", action="extend", default=[], metavar="RUN", help="edit folder(s); one column each"
+    )
+    parser.add_argument("--concept", type=Path, help="TOML concept file: its evaluate/evaluate_preserve prompts")
+    parser.add_argument("--prompts", type=Path, help="prompt CSV (case_number, prompt, evaluation_seed[, type])")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="DIR",
+        help="draw saved images instead: image folders with manifest.json, or evaluation folders (images/<model>)",
+    )
+    parser.add_argument("--per-group", type=int, default=4, help="most prompts per group (default 4; 0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="concept files: row i uses seed SEED+i (default 0)")
+    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--scale", type=float, default=1.0, help="strength each edit is applied at (default 1)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
+    parser.add_argument("--cell-size", type=int, help="image cell height in pixels (default: from the image size)")
+    parser.add_argument("--title", help="title above the grid")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--out", type=Path, required=True, help="the grid PNG to write")
+    parser.set_defaults(handler=_run_grid)
+
+
+def _grid_rows(args: argparse.Namespace) -> list:
+    """Prompt rows of ``grid``: a concept file's held-out prompts (else its erase/preserve prompts), or a CSV."""
+    from erasure.prompt_sets import PromptRow, load_prompt_csv, rows_from_request
+
+    if args.prompts:
+        return load_prompt_csv(args.prompts)
+    from erasure.concepts import load_concepts
+
+    request = load_concepts(args.concept)
+    try:
+        rows = rows_from_request(request)
+    except ValueError:  # no held-out prompts: show the prompts the method saw
+        prompts = [(p, "erased") for p in request.erase_prompts] + [(p, "preserved") for p in request.preserve_prompts]
+        rows = [PromptRow(i, prompt, 0, type=kind) for i, (prompt, kind) in enumerate(prompts)]
+    return rows
+
+
+def _run_grid(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from erasure.grid import comparison_grid, comparison_layout, folder_columns, save_grid, select_rows, to_pil_images
+
+    per_group = args.per_group or None
+    manifest: dict = {"format": "erasure-grid/1", "erasure_version": __version__}
+    if args.images:
+        if args.model or args.edit or args.concept or args.prompts:
+            raise ValueError("--images draws saved images; drop --model, --edit, --concept and --prompts")
+        columns, prompts, groups, seeds = folder_columns(args.images, per_group=per_group)
+        manifest |= {"source": "images", "folders": [str(f) for f in args.images]}
+    else:
+        from erasure.edit import Edit, fingerprint
+        from erasure.grid import generate_columns
+        from erasure.pipeline import load_pipeline
+
+        if not args.model:
+            raise ValueError("--model is required to generate images (or pass --images DIR to draw saved ones)")
+        if bool(args.concept) == bool(args.prompts):
+            raise ValueError("give one of --concept FILE or --prompts CSV")
+        rows = select_rows(_grid_rows(args), per_group)
+        if args.concept:
+            rows = [dataclasses.replace(row, evaluation_seed=args.seed + i) for i, row in enumerate(rows)]
+        prompts, groups, seeds = [r.prompt for r in rows], [r.role for r in rows], [r.evaluation_seed for r in rows]
+        edits, records = {}, []
+        for run in args.edit:
+            edit = Edit.load(run)
+            label = f"{edit.config.get('method', 'edit')} ({Path(run).name})"
+            while label in edits or label == "base":
+                label += "'"
+            edits[label] = edit
+            method = edit.config.get("method")
+            records.append(
+                {"label": label, "path": str(run), "method": method, "fingerprint": fingerprint(edit.deltas)}
+            )
+        pipe = load_pipeline(args.model, device=_device(args.device))
+        pipe.set_progress_bar_config(disable=True)
+        columns = generate_columns(
+            pipe,
+            edits,
+            prompts,
+            seeds,
+            scale=args.scale,
+            steps=args.steps,
+            guidance_scale=args.guidance,
+            batch_size=args.batch_size,
+            progress=args.verbose or sys.stderr.isatty(),
+        )
+        manifest |= {
+            "source": str(args.concept or args.prompts),
+            "model": args.model,
+            "edits": records,
+            "scale": args.scale,
+            "steps": args.steps,
+            "guidance": args.guidance,
+        }
+    source = args.concept or args.prompts
+    title = args.title or (f"{Path(source).stem}: base vs {len(columns) - 1} edit(s)" if source else None)
+    image = comparison_grid(columns, prompts, groups, seeds, title=title, cell_size=args.cell_size)
+    size = to_pil_images(next(iter(columns.values()))[:1])[0].size
+    layout = comparison_layout(list(columns), groups, size, cell_size=args.cell_size, title=title)
+    manifest |= {
+        "columns": list(columns),
+        "rows": [{"prompt": p, "group": g, "seed": s} for p, g, s in zip(prompts, groups, seeds, strict=True)],
+        "layout": layout.to_dict(),
+    }
+    path = save_grid(image, args.out, manifest)
+    print(f"wrote {path} and {path.with_suffix('.json').name} ({len(prompts)} rows x {len(columns)} models)")
+    return 0
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="one self-contained HTML page of evaluations: grids, metrics, provenance, strength sweeps",
+        description=(
+            "Write one HTML file (images inlined, no external assets) with, for each evaluation folder written by "
+            "`erasure evaluate`: its comparison grid (DIR/grid.png, else drawn from the saved images), the metrics of "
+            "every model with their provenance, and the erasure/preservation trade-off when DIR/sweep.json exists "
+            "(format: see erasure.report)."
+        ),
+    )
+    parser.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="evaluation folder(s)")
+    parser.add_argument("--out", type=Path, required=True, help="the HTML file to write")
+    parser.add_argument("--title", default="Concept erasure report", help="page title")
+    parser.add_argument("--per-group", type=int, default=4, help="prompts per group in drawn grids (default 4)")
+    parser.set_defaults(handler=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from erasure.report import write_report
+
+    path = write_report(args.folders, args.out, title=args.title, per_group=args.per_group)
+    print(f"wrote {path} ({path.stat().st_size // 1024} KiB, {len(args.folders)} evaluation(s))")
+    return 0
+
+
+# --- command table ----------------------------------------------------------------------------------------------
+
+COMMANDS = [_add_demo, _add_erase, _add_evaluate, _add_export, _add_list, _add_grid, _add_report]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``erasure`` argument parser with every command of ``COMMANDS``."""
+    parser = argparse.ArgumentParser(
+        prog="erasure",
+        description="Concept erasure for text-to-image diffusion models: erase, evaluate, compare.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"erasure {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``erasure`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 0
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted; nothing half-written was left behind", file=sys.stderr)
+        return 130
+    except Exception as error:  # one line for the user; --verbose shows the traceback
+        if args.verbose:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 1

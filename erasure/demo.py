@@ -1,0 +1,166 @@
+"""The main job on the shipped toy world: erase ``Pip`` with UCE, then grid, evaluate and report.
+
+``make demo`` runs :func:`run_demo`. Every step is an ordinary library call, so the demo doubles as a worked
+example of the data flow ``concept file -> EraseRequest -> method.apply -> Edit -> generate -> evaluate -> report``:
+
+1. ``samples.png``: a labelled sample grid of the toy world from the base checkpoint.
+2. ``edit/``: the UCE edit (``edit.safetensors`` deltas + ``edit_config.json``).
+3. ``evaluation/``: base and edited images from the same held-out prompts and seeds (the edit also at reduced
+   strengths, for the trade-off curve), scored with the toy CLIP (``metrics.json``, ``per_image.csv``).
+4. ``grid.png``: base versus edited, erased prompts above preserved ones, same seed per row.
+5. ``report.html``: one self-contained page with the grid, the metrics table and the trade-off plot.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+TOYWORLD_SD = ROOT / "checkpoints" / "toyworld-sd"
+TOYWORLD_CLIP = ROOT / "checkpoints" / "toyworld-clip"
+PIP_CONCEPT = ROOT / "prompts" / "toyworld" / "pip.toml"
+SAMPLE_SUBJECTS = (
+    "Pip", "Zog", "Miro", "a red circle", "a green square", "a blue triangle", "a yellow cross", "a purple circle",
+    "a striped red square", "a striped blue circle", "a outlined green triangle", "a outlined purple cross",
+)  # fmt: skip
+
+
+def sample_grid(model: str | Path, out: Path, *, steps: int = 25, guidance_scale: float = 8.0, seed: int = 0) -> Path:
+    """Generate one image per toy subject (two seeds each) and save a labelled grid as ``out/samples.png``."""
+    from erasure.generate import generate
+    from erasure.grid import sample_grid as draw_sample_grid
+    from erasure.grid import save_grid
+    from erasure.pipeline import load_pipeline
+
+    pipe = load_pipeline(str(model))
+    prompts = [f"a picture of {subject}" for subject in SAMPLE_SUBJECTS for _ in range(2)]
+    seeds = [seed + index for index in range(len(prompts))]
+    images = generate(pipe, prompts, seeds, steps=steps, guidance_scale=guidance_scale, batch_size=8)
+    labels = [f"{prompt} (seed {s})" for prompt, s in zip(prompts, seeds, strict=True)]
+    grid = draw_sample_grid(images, labels, columns=6, title=f"toy world samples: {Path(model).name}")
+    manifest = {"model": str(model), "prompts": prompts, "seeds": seeds, "steps": steps, "guidance": guidance_scale}
+    return save_grid(grid, out / "samples.png", manifest)
+
+
+def run_demo(
+    out: str | Path,
+    *,
+    model: str | Path = TOYWORLD_SD,
+    concept: str | Path = PIP_CONCEPT,
+    method: str = "uce",
+    clip: str | Path = TOYWORLD_CLIP,
+    steps: int = 25,
+    guidance_scale: float = 8.0,
+    seeds_per_prompt: int = 4,
+    sweep_scales: tuple[float, ...] = (0.25, 0.5, 1.0),
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Erase a concept from the toy checkpoint, then write its grid, evaluation and report under ``out``.
+
+    Args:
+        out: Output folder (refused if it exists, unless ``overwrite``).
+        model: Base pipeline.
+        concept: Concept file (TOML) of what to erase.
+        method: Registered method name.
+        clip: CLIP used by the evaluator (folder or ``NAME:TAG``).
+        steps: DDIM steps of every generation.
+        guidance_scale: Classifier-free guidance of every generation.
+        seeds_per_prompt: Seeds per held-out prompt in the evaluation (the Pip file has 8 prompts x 16 rows).
+        sweep_scales: Strengths at which the edit is evaluated for the trade-off curve (1.0 = the edit as made).
+        overwrite: Replace an existing ``out``.
+
+    Returns:
+        The paths written: ``samples``, ``edit``, ``evaluation``, ``grid``, ``report``.
+    """
+    from erasure.concepts import load_concepts
+    from erasure.edit import Edit
+    from erasure.evaluate import PromptSource, run_evaluation
+    from erasure.grid import comparison_grid, generate_columns, save_grid
+    from erasure.methods import get_method
+    from erasure.pipeline import load_pipeline
+    from erasure.prompt_sets import file_sha256, rows_from_request
+    from erasure.report import sweep_point, write_report, write_sweep
+
+    out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite or choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    paths = {"samples": sample_grid(model, out, steps=steps, guidance_scale=guidance_scale)}
+
+    request = load_concepts(concept)
+    pipe = load_pipeline(str(model))
+    edit = get_method(method).apply(pipe, request, base_model=str(model))
+    paths["edit"] = edit.save(out / "edit")
+    logger.info("erased %s with %s: %d tensors changed", request.concepts[0].name, method, len(edit.deltas))
+
+    # The edit at reduced strengths is saved as further edits, so one evaluation scores them all on the same seeds.
+    edit_folders = {}
+    for scale in sweep_scales:
+        folder = paths["edit"] if scale == 1.0 else out / "sweep" / f"edit-scale-{scale:g}"
+        if scale != 1.0:
+            scaled = Edit({key: delta * scale for key, delta in edit.deltas.items()}, {**edit.config, "scale": scale})
+            scaled.save(folder)
+        edit_folders[scale] = folder
+    rows = rows_from_request(request, seeds_per_prompt=seeds_per_prompt, base_seed=0)
+    paths["evaluation"] = run_evaluation(
+        out / "evaluation",
+        model=str(model),
+        edits=[edit_folders[scale] for scale in sweep_scales],
+        rows=rows,
+        prompt_source=PromptSource("concepts", str(concept), file_sha256(concept)),
+        clip=str(clip),
+        steps=steps,
+        guidance=guidance_scale,
+        batch_size=16,
+    )
+
+    # Grid: the first four rows of each group, base against the full-strength edit, same seed per row.
+    chosen = [row for group in ("erased", "generality", "preserved") for row in
+              [r for r in rows if r.type == group][: 4 if group != "preserved" else 6]]  # fmt: skip
+    prompts, seeds = [row.prompt for row in chosen], [row.evaluation_seed for row in chosen]
+    columns = generate_columns(pipe, {f"{method} (scale 1)": edit}, prompts, seeds, steps=steps,
+                               guidance_scale=guidance_scale)  # fmt: skip
+    grid = comparison_grid(columns, prompts, [row.type for row in chosen], seeds,
+                           title=f"erase {request.concepts[0].name} with {method}")  # fmt: skip
+    manifest = {"model": str(model), "edit": str(paths["edit"]), "prompts": prompts, "seeds": seeds,
+                "groups": [row.type for row in chosen], "steps": steps, "guidance": guidance_scale}  # fmt: skip
+    paths["grid"] = save_grid(grid, out / "grid.png", manifest)
+    shutil.copy(paths["grid"], paths["evaluation"] / "grid.png")
+
+    metrics = paths["evaluation"] / "metrics.json"
+    labels = _model_labels(metrics)
+    points = [{"scale": 0.0, **_base_point(metrics)}]
+    points += [sweep_point(metrics, scale, model=label) for scale, label in zip(sweep_scales, labels, strict=True)]
+    write_sweep(paths["evaluation"] / "sweep.json", points, method=method, concept=str(concept))
+    paths["report"] = write_report([paths["evaluation"]], out / "report.html", title="erasure demo: Pip with UCE")
+    return paths
+
+
+def _model_labels(metrics_json: Path) -> list[str]:
+    """Labels of the edited models in ``metrics.json``, in evaluation order (the base model excluded)."""
+    import json
+
+    document = json.loads(metrics_json.read_text())
+    reference = document.get("reference")
+    return [label for label in document["models"] if label != reference]
+
+
+def _base_point(metrics_json: Path) -> dict:
+    """The base model's metrics as the scale-0 sweep point (the edit at strength 0 is the base model)."""
+    import json
+
+    document = json.loads(metrics_json.read_text())
+    base = document["metrics"][document["reference"]]
+    return {key: value for key, value in base.items() if isinstance(value, int | float | None)} | {
+        "paired_preservation": 1.0,
+        "cmmd": 0.0,
+    }
+
+
+__all__ = ["run_demo", "sample_grid"]
