@@ -32,7 +32,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
     parser.add_argument("--guidance", type=float, default=8.0, help="classifier-free guidance scale")
-    parser.add_argument("--seeds-per-prompt", type=int, default=4, help="seeds per held-out evaluation prompt")
+    parser.add_argument("--seeds-per-prompt", type=int, default=13, help="seeds per held-out evaluation prompt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.set_defaults(handler=_run_demo)
 

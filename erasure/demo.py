@@ -55,8 +55,8 @@ def run_demo(
     clip: str | Path = TOYWORLD_CLIP,
     steps: int = 25,
     guidance_scale: float = 8.0,
-    seeds_per_prompt: int = 4,
-    sweep_scales: tuple[float, ...] = (0.25, 0.5, 1.0),
+    seeds_per_prompt: int = 13,
+    sweep_scales: tuple[float, ...] = (0.5, 1.0),
     overwrite: bool = False,
 ) -> dict[str, Path]:
     """Erase a concept from the toy checkpoint, then write its grid, evaluation and report under ``out``.
@@ -69,7 +69,7 @@ def run_demo(
         clip: CLIP used by the evaluator (folder or ``NAME:TAG``).
         steps: DDIM steps of every generation.
         guidance_scale: Classifier-free guidance of every generation.
-        seeds_per_prompt: Seeds per held-out prompt in the evaluation (the Pip file has 8 prompts x 16 rows).
+        seeds_per_prompt: Seeds per held-out prompt (Pip has 8 held-out prompts: 13 seeds give 104 images per model).
         sweep_scales: Strengths at which the edit is evaluated for the trade-off curve (1.0 = the edit as made).
         overwrite: Replace an existing ``out``.
 

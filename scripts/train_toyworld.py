@@ -49,6 +49,11 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="continue from a pipeline folder: its VAE is kept, its UNet and text encoder train on",
     )
+    parser.add_argument(
+        "--fresh-denoiser",
+        action="store_true",
+        help="with --init-from: keep only its VAE and tokenizer; train a new UNet and text encoder from scratch",
+    )
     parser.add_argument("--use-ema", choices=["yes", "no"], default="yes", help="ship EMA or raw UNet weights")
     return parser.parse_args()
 
@@ -159,14 +164,15 @@ def main() -> None:
 
             vae = AutoencoderKL.from_pretrained(args.init_from / "vae").to(device).eval()
             tokenizer = CLIPTokenizer.from_pretrained(args.init_from / "tokenizer")
-            init = (UNet2DConditionModel.from_pretrained(args.init_from / "unet"),
-                    CLIPTextModel.from_pretrained(args.init_from / "text_encoder"))  # fmt: skip
+            if not args.fresh_denoiser:
+                init = (UNet2DConditionModel.from_pretrained(args.init_from / "unet"),
+                        CLIPTextModel.from_pretrained(args.init_from / "text_encoder"))  # fmt: skip
             report["init_from"] = str(args.init_from)
         else:
             vae = train.train_vae(images, budget("vae"), device, seed=args.seed, work_dir=args.work_dir)
         report["vae_seconds"] = round(time.monotonic() - t0, 1)
         latent_mean, latent_std = train.encode_latents(vae, images, device)
-        scaling_factor = float(vae.config.scaling_factor if init else 1.0 / latent_mean.std())
+        scaling_factor = float(vae.config.scaling_factor if args.init_from else 1.0 / latent_mean.std())
         report["scaling_factor"] = scaling_factor
         if "denoiser" in args.stages:
             t0 = time.monotonic()
