@@ -120,9 +120,13 @@ def run_demo(
         batch_size=16,
     )
 
-    # Grid: the first four rows of each group, base against the full-strength edit, same seed per row.
-    chosen = [row for group in ("erased", "generality", "preserved") for row in
-              [r for r in rows if r.type == group][: 4 if group != "preserved" else 6]]  # fmt: skip
+    # Grid: base against the full-strength edit, same seed per row; two seeds of every distinct held-out prompt.
+    chosen, seen = [], {}
+    for group in ("erased", "generality", "preserved"):
+        for row in (r for r in rows if r.type == group):
+            if seen.get(row.prompt, 0) < 2:
+                seen[row.prompt] = seen.get(row.prompt, 0) + 1
+                chosen.append(row)
     prompts, seeds = [row.prompt for row in chosen], [row.evaluation_seed for row in chosen]
     columns = generate_columns(pipe, {f"{method} (scale 1)": edit}, prompts, seeds, steps=steps,
                                guidance_scale=guidance_scale)  # fmt: skip
