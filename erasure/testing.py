@@ -38,6 +38,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from erasure.pipeline import ModelFamily
+from erasure.toyworld.tokenizer import bytes_to_unicode
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
@@ -48,19 +49,6 @@ TINY_WORDS: tuple[str, ...] = (
     "style", "art", "cat", "dog", "car", "tree", "house", "pip", "zog", "miro", "red", "green", "blue", "yellow",
     "purple", "circle", "square", "triangle", "cross", "plain", "striped", "outlined", "van", "gogh", "nudity",
 )  # fmt: skip
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (GPT-2's) reversible map from the 256 bytes to printable unicode characters."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    characters = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            characters.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, characters), strict=True))
 
 
 def _apply_bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -87,7 +75,7 @@ def tiny_vocabulary(words: Iterable[str] = TINY_WORDS) -> tuple[dict[str, int], 
     Returns:
         ``(vocab, merges)``: token-to-id mapping and the ranked merge list.
     """
-    byte_map = _bytes_to_unicode()
+    byte_map = bytes_to_unicode()
     ranks: dict[tuple[str, str], int] = {}
     for word in words:
         symbols = "".join(byte_map[b] for b in word.lower().encode("utf-8"))
