@@ -16,7 +16,13 @@ scale and preserve rows ``(c_j, W0 c_j)`` weighted by the preserve scale ``lambd
     W = (sum_E v* c^T + lambda_p sum_P W0 c c^T + lam W0) (sum_E c c^T + lambda_p sum_P c c^T + lam I)^-1.
 
 The Gram matrix depends only on the inputs, so :class:`RidgeSolver` factors it once (float64 LU) and solves for
-every projection that shares the inputs; the inverse is never formed.
+every projection that shares the inputs; the inverse is never formed. With fewer inputs than dimensions
+(``n < d``, the usual case: a few hundred token embeddings of width 768-2048) it solves in the low-rank form
+
+    W = W0 + (sum_i w_i (v_i - W0 c_i) c_i^T) A^-1,
+
+which follows from ``lam A^-1 = I - A^-1 sum_i w_i c_i c_i^T``; ``A^-1 C^T`` (``d x n``) is computed once, so
+each map costs two ``n x d x out`` products instead of a ``d x d x out`` triangular solve.
 """
 
 from __future__ import annotations
@@ -79,6 +85,8 @@ class RidgeSolver:
                 f"The ridge system is singular (lam={lam}, {self.inputs.shape[0]} inputs of dimension {dim}); use "
                 "lam > 0."
             )
+        # A^-1 C^T, for the low-rank form of solve() when there are fewer inputs than dimensions
+        self._gain = torch.linalg.lu_solve(self._lu, self._pivots, self.inputs.T) if len(self.inputs) < dim else None
 
     def solve(self, w0: Tensor, targets: Tensor) -> Tensor:
         """The minimiser ``W`` of ``sum_i w_i ||W c_i - v_i||^2 + lam ||W - W0||^2``.
@@ -99,6 +107,10 @@ class RidgeSolver:
         device = self.inputs.device
         w0_64 = w0.detach().to(device, torch.float64)
         targets_64 = targets.detach().to(device, torch.float64)
+        if self._gain is not None:  # W^T = W0^T + A^-1 C^T D (V - C W0^T)
+            residual = (targets_64 - self.inputs @ w0_64.T) * self.weights[:, None]  # [n, out]
+            solution = w0_64 + (self._gain @ residual).T
+            return solution.to(w0.device, w0.dtype)
         rhs = (targets_64 * self.weights[:, None]).T @ self.inputs + self.lam * w0_64  # [out, d]
         # W A = rhs with A symmetric  <=>  A W^T = rhs^T
         solution = torch.linalg.lu_solve(self._lu, self._pivots, rhs.T).T

@@ -40,7 +40,10 @@ weighted by ``1 / alpha_t^2``.
 
 Memory: no second UNet. Only the original values of the trained tensors are kept, and swapped into the parameters
 (in place, one tensor at a time) for the frozen predictions; the conditional and anchor predictions of the frozen
-model share one batched forward.
+model share one batched forward. The training forward runs with the UNet's gradient checkpointing
+(``gradient_checkpointing``, on by default): at SD 1.4 size (512 px, float32) the activations kept for the backward
+drop from about 1.5 GiB to 0.45 GiB, for one extra forward per iteration (a few percent of an iteration that also
+runs ~25 DDIM steps).
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from erasure.sampling import partial_ddim
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ESD", "ESD_PRESETS", "ESDConfig", "esd_target", "original_weights"]
+__all__ = ["ESD", "ESD_PRESETS", "ESDConfig", "esd_target", "gradient_checkpointing", "original_weights"]
 
 #: Preset name -> values of the fields left unset (see the module docstring).
 ESD_PRESETS: dict[str, dict[str, Any]] = {
@@ -107,6 +110,10 @@ class ESDConfig(MethodConfig):
     )
     batch_size: int = field(default=1, metadata={"help": "trajectories per iteration"})
     resolution: int | None = field(default=None, metadata={"help": "image side of x_t in pixels (default: native)"})
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "recompute UNet activations in the backward pass (about 1/3 of the memory, a little time)"},
+    )
 
     def __post_init__(self) -> None:
         if self.preset not in ESD_PRESETS:
@@ -167,6 +174,19 @@ def original_weights(parameters: Sequence[Tensor], originals: Sequence[Tensor]) 
         yield
     finally:
         _swap_contents(parameters, originals)
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(unet: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Turn on the UNet's gradient checkpointing while the block runs (if ``enabled`` and not on already)."""
+    switch = enabled and not unet.is_gradient_checkpointing
+    if switch:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if switch:
+            unet.disable_gradient_checkpointing()
 
 
 def _loss_summary(losses: list[float], points: int = 20) -> dict[str, Any]:
@@ -245,42 +265,44 @@ class ESD(EraseMethod):
         generator = torch.Generator().manual_seed(config.seed)
         frozen_sampler = config.sampler == "frozen"
         losses: list[float] = []
-        bar = tqdm(range(config.iterations), desc=self.name, disable=not progress or None)
-        for iteration in bar:
-            rows = torch.randint(len(prompts), (config.batch_size,), generator=generator)
-            step = int(torch.randint(config.ddim_steps, (1,), generator=generator))
-            cond, anchor = concept_cond[rows], anchor_cond[rows]
-            with torch.no_grad(), contextlib.ExitStack() as frozen:
-                if frozen_sampler:  # one swap covers the trajectory and the targets
-                    frozen.enter_context(original_weights(trained, originals))
-                x_t, t = partial_ddim(
-                    pipe,
-                    cond,
-                    step,
-                    config.ddim_steps,
-                    config.guidance,
-                    generator,
-                    unconditional=unconditional,
-                    size=config.resolution,
-                )
-                if not frozen_sampler:
-                    frozen.enter_context(original_weights(trained, originals))
-                # eps*(x_t, c, t) and eps*(x_t, a, t) of the original weights, in one batched forward
-                both = predict_noise(pipe, torch.cat([x_t, x_t]), t, Conditioning.cat([cond, anchor]))
-                out_concept, out_anchor = both.chunk(2)
-                target = esd_target(out_concept.float(), out_anchor.float(), config.eta)
-            prediction = predict_noise(pipe, x_t, t, cond)  # eps_theta(x_t, c, t), with gradients
-            loss = torch.nn.functional.mse_loss(prediction.float(), target)
-            if not torch.isfinite(loss):
-                raise NonFiniteEditError(
-                    f"ESD loss became {loss.item()} at iteration {iteration} (timestep {int(t)}); lower lr "
-                    f"(now {config.lr:g}) or use float32. The pipeline was restored."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4g}", t=int(t))
+        # the training forward keeps activations for the backward; checkpointing keeps block inputs only
+        with gradient_checkpointing(pipe.unet, config.gradient_checkpointing):
+            bar = tqdm(range(config.iterations), desc=self.name, disable=not progress or None)
+            for iteration in bar:
+                rows = torch.randint(len(prompts), (config.batch_size,), generator=generator)
+                step = int(torch.randint(config.ddim_steps, (1,), generator=generator))
+                cond, anchor = concept_cond[rows], anchor_cond[rows]
+                with torch.no_grad(), contextlib.ExitStack() as frozen:
+                    if frozen_sampler:  # one swap covers the trajectory and the targets
+                        frozen.enter_context(original_weights(trained, originals))
+                    x_t, t = partial_ddim(
+                        pipe,
+                        cond,
+                        step,
+                        config.ddim_steps,
+                        config.guidance,
+                        generator,
+                        unconditional=unconditional,
+                        size=config.resolution,
+                    )
+                    if not frozen_sampler:
+                        frozen.enter_context(original_weights(trained, originals))
+                    # eps*(x_t, c, t) and eps*(x_t, a, t) of the original weights, in one batched forward
+                    both = predict_noise(pipe, torch.cat([x_t, x_t]), t, Conditioning.cat([cond, anchor]))
+                    out_concept, out_anchor = both.chunk(2)
+                    target = esd_target(out_concept.float(), out_anchor.float(), config.eta)
+                prediction = predict_noise(pipe, x_t, t, cond)  # eps_theta(x_t, c, t), with gradients
+                loss = torch.nn.functional.mse_loss(prediction.float(), target)
+                if not torch.isfinite(loss):
+                    raise NonFiniteEditError(
+                        f"ESD loss became {loss.item()} at iteration {iteration} (timestep {int(t)}); lower lr "
+                        f"(now {config.lr:g}) or use float32. The pipeline was restored."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4g}", t=int(t))
         optimizer.zero_grad(set_to_none=True)
         return {
             "iterations": config.iterations,

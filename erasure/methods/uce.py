@@ -24,7 +24,9 @@ SDXL: the text embeddings are both encoders' hidden states concatenated, as the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,13 +37,15 @@ from torch import Tensor
 from erasure.attention import token_indices
 from erasure.concepts import Concept, EraseRequest
 from erasure.methods import register
-from erasure.methods.base import EraseMethod, MethodConfig
+from erasure.methods.base import EraseMethod, MethodConfig, pipeline_tokenizers
 from erasure.methods.closed_form import RidgeSolver
 from erasure.pipeline import encode_prompts
 
 logger = logging.getLogger(__name__)
 
 TOKEN_MODES = ("last_subject", "all_tokens")
+#: Prompts per text-encoder call (bounds the activations of large preserve sets).
+ENCODE_CHUNK = 128
 
 
 @dataclass
@@ -70,6 +74,36 @@ def _positions(tokenizer: Any, prompt: str) -> tuple[int, int]:
     """``(last token, end-of-text)`` positions; for ``""`` the last token is the start token (position 0)."""
     length = len(tokenizer(prompt, truncation=True).input_ids)  # start + tokens + end
     return max(length - 2, 0), length - 1
+
+
+@contextlib.contextmanager
+def _padding_length(tokenizers: Sequence[Any], length: int) -> Iterator[None]:
+    """Make the tokenizers pad (and truncate) to ``length`` tokens while the block runs."""
+    saved = [tokenizer.model_max_length for tokenizer in tokenizers]
+    try:
+        for tokenizer in tokenizers:
+            tokenizer.model_max_length = length
+        yield
+    finally:
+        for tokenizer, value in zip(tokenizers, saved, strict=True):
+            tokenizer.model_max_length = value
+
+
+def encode_short(pipe: DiffusionPipeline, prompts: Sequence[str]) -> Tensor:
+    """Float64 ``[N, L, D]`` token embeddings of ``prompts``, padded only to the longest one (``L`` tokens).
+
+    CLIP text encoders are causal: the embedding at position ``i`` depends on tokens ``0..i`` only, so positions
+    ``< L`` equal those of the usual 77-token encoding (to float rounding) while the encoder runs on ``L`` instead
+    of 77 tokens per prompt. UCE reads positions up to each prompt's end token, all ``< L``.
+    """
+    tokenizers = pipeline_tokenizers(pipe)
+    length = max(len(t(prompt, truncation=True).input_ids) for t in tokenizers for prompt in prompts)
+    with _padding_length(tokenizers, length):
+        chunks = [
+            encode_prompts(pipe, prompts[start : start + ENCODE_CHUNK]).prompt_embeds.detach().to(torch.float64)
+            for start in range(0, len(prompts), ENCODE_CHUNK)
+        ]
+    return torch.cat(chunks)
 
 
 @register("uce")
@@ -121,7 +155,7 @@ class UCE(EraseMethod):
         tokenizer = pipe.tokenizer
         preserve = list(request.preserve_prompts)
         prompts = list(dict.fromkeys([*request.erase_prompts, *(c.anchor for c in request.concepts), *preserve]))
-        encoded = encode_prompts(pipe, prompts).prompt_embeds.detach().to(torch.float64)
+        encoded = encode_short(pipe, prompts)
         embeddings = dict(zip(prompts, encoded, strict=True))
 
         erase_inputs, anchor_inputs = [], []

@@ -1,0 +1,419 @@
+# ruff: noqa: E402  (OMP_WAIT_POLICY must be set before torch is imported)
+"""Measure erasure on the toy world: does the target vanish while its neighbours stay as they were?
+
+For each method x concept (defaults: uce, esd-x, esd-u, resteer x pip, striped, triangle, red) the script loads the
+concept file (``prompts/toyworld/<concept>.toml``), runs the method at its registered defaults (``--set`` overrides
+config fields), applies the edit, and generates images for the concept's held-out prompts: ``evaluate`` (the target)
+and ``evaluate_preserve`` (the neighbours), with the same seeds for the base and the edited model. Every image is
+judged twice, by the oracle (a CNN trained on renders) and zero-shot by the toy CLIP, and the script reports:
+
+* target rate: the fraction of target images that still show the target attribute (Pip: ``character == Pip``;
+  striped: ``style == striped``; triangle: ``shape == triangle``; red: ``colour == red``);
+* neighbour rate: the fraction of neighbour images that show everything their prompt asks for. Characters ask for
+  their character (``Zog``); objects for colour, shape, style (no style word means ``plain``, as in the toy
+  captions) and no character (``a yellow circle`` -> yellow, circle, plain, none);
+* neighbour ratio: edited / base neighbour rate, and ``kept``: the fraction of neighbour images right at base that
+  are still right after the edit (paired by seed).
+
+The toy generator follows prompts imperfectly (roughly colour 50%, shape 70%, style 90%, character 86%), so only
+base-versus-edited comparisons on the same seeds are meaningful. Goals (from the issue): target rate <= 5% with
+neighbours keeping >= 95% of their base rate.
+
+Examples::
+
+    python scripts/measure_toyworld_erasure.py --methods uce --out runs/measure/uce.json
+    python scripts/measure_toyworld_erasure.py --methods esd-x --set esd-x.preset=diffusers --out esd.json
+    python scripts/measure_toyworld_erasure.py --methods uce --concepts red --set uce.erase_scale=2 --seeds 2
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads crawl on a shared machine
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import time
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from erasure.concepts import Concept, EraseRequest, load_concepts
+from erasure.generate import generate
+from erasure.methods import get_method
+from erasure.toyworld.captions import TEMPLATES
+from erasure.toyworld.quality import subject_labels
+from erasure.toyworld.render import CHARACTERS, COLOURS, SHAPES, STYLES
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("uce", "esd-x", "esd-u", "resteer")
+CONCEPTS = ("pip", "striped", "triangle", "red")
+TARGET_RATE_GOAL, NEIGHBOUR_RATIO_GOAL = 0.05, 0.95
+PACKAGES = ("erasure", "torch", "diffusers", "transformers", "open_clip_torch", "numpy", "safetensors")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="registered method names")
+    parser.add_argument("--concepts", nargs="+", default=list(CONCEPTS), help="toy concept names or .toml files")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="METHOD.FIELD=VALUE",
+        help="override a config field of one method, e.g. esd-x.iterations=200 (repeatable; VALUE read as JSON)",
+    )  # fmt: skip
+    parser.add_argument("--model", default=str(REPO / "checkpoints/toyworld-sd"), help="toy pipeline folder")
+    parser.add_argument("--clip", default=str(REPO / "checkpoints/toyworld-clip"), help="toy CLIP folder")
+    parser.add_argument("--oracle", default=str(REPO / "checkpoints/toyworld-oracle"), help="oracle folder")
+    parser.add_argument("--seeds", type=int, default=None, help="images per prompt (default: enough for --images)")
+    parser.add_argument("--images", type=int, default=64, help="target images per prompt set when --seeds is unset")
+    parser.add_argument("--first-seed", type=int, default=1000, help="image i has seed first-seed + i")
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--batch-size", type=int, default=32, help="generation batch size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--cache", default=str(REPO / "runs/measure/cache"), help="folder caching base images ('' to turn off)"
+    )
+    parser.add_argument("--grids", type=Path, default=None, help="folder for base-vs-edited comparison grids")
+    parser.add_argument("--out", type=Path, default=REPO / "runs/measure/measure.json", help="JSON results file")
+    parser.add_argument("--progress", action="store_true", help="show progress bars")
+    return parser.parse_args(argv)
+
+
+def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """``["esd-x.iterations=200"]`` -> ``{"esd-x": {"iterations": 200}}``; values are JSON, else plain text."""
+    overrides: dict[str, dict[str, Any]] = {name: {} for name in methods}
+    for item in items:
+        key, sep, text = item.partition("=")
+        method, dot, field = key.strip().rpartition(".")
+        if not sep or not dot or method not in overrides:
+            raise SystemExit(f"--set {item!r}: write METHOD.FIELD=VALUE with METHOD one of {', '.join(methods)}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        overrides[method][field] = value
+    return overrides
+
+
+# -- what each image should show -------------------------------------------------------------------------------
+
+
+def prompt_subject(prompt: str) -> str:
+    """The subject of a toy prompt: ``"a drawing of a red circle"`` -> ``"a red circle"``."""
+    for template in sorted(TEMPLATES, key=len, reverse=True):
+        prefix = template.removesuffix("{x}")
+        if prefix and prompt.startswith(prefix):
+            return prompt[len(prefix) :]
+    return prompt
+
+
+def prompt_expectation(prompt: str) -> dict[str, str]:
+    """The attributes a toy prompt asks for: a character only its character; an object everything else."""
+    labels = subject_labels(prompt_subject(prompt))
+    return {"character": labels["character"]} if labels["character"] != "none" else labels
+
+
+def target_attribute(concept: Concept) -> tuple[str, str]:
+    """``(attribute, value)`` that shows a toy concept: Pip -> character, striped -> style, and so on."""
+    for attribute, values in (("character", CHARACTERS), ("style", STYLES), ("shape", SHAPES), ("colour", COLOURS)):
+        if concept.name in values:
+            return attribute, concept.name
+    raise ValueError(f"Concept '{concept.name}' is no toy-world character, style, shape or colour.")
+
+
+def shows(verdict: dict[str, str], expected: dict[str, str]) -> bool:
+    """Whether a judged image shows every expected attribute."""
+    return all(verdict[attribute] == value for attribute, value in expected.items())
+
+
+def rates(base: list[dict], edited: list[dict], prompts: list[str], target: tuple[str, str]) -> dict[str, Any]:
+    """Target and neighbour rates of one judge, base vs edited (``prompts`` lists the neighbour prompts)."""
+    attribute, value = target
+    n_target = len(base) - len(prompts)
+    on_target = [[v[attribute] == value for v in vs[:n_target]] for vs in (base, edited)]
+    expected = [prompt_expectation(p) for p in prompts]
+    right = [[shows(v, e) for v, e in zip(vs[n_target:], expected, strict=True)] for vs in (base, edited)]
+    kept = [after for before, after in zip(*right, strict=True) if before]
+    by_subject: dict[str, list[int]] = {}
+    for prompt, before, after in zip(prompts, *right, strict=True):
+        counts = by_subject.setdefault(prompt_subject(prompt), [0, 0, 0])
+        counts[0], counts[1], counts[2] = counts[0] + before, counts[1] + after, counts[2] + 1
+    by_attribute = {}  # per attribute, over the neighbour images whose prompt asks for it
+    for a in ("colour", "shape", "style", "character"):
+        rows = [i for i, e in enumerate(expected) if a in e]
+        if rows:
+            by_attribute[a] = {
+                k: float(np.mean([vs[n_target + i][a] == expected[i][a] for i in rows]))
+                for k, vs in (("base", base), ("edited", edited))
+            }
+    base_rate, edited_rate = float(np.mean(right[0])), float(np.mean(right[1]))
+    return {
+        "target_base": float(np.mean(on_target[0])),
+        "target_edited": float(np.mean(on_target[1])),
+        "target_values_edited": dict(Counter(v[attribute] for v in edited[:n_target]).most_common()),
+        "neighbour_base": base_rate,
+        "neighbour_edited": edited_rate,
+        "neighbour_ratio": edited_rate / base_rate if base_rate > 0 else None,
+        "neighbour_kept": float(np.mean(kept)) if kept else None,
+        "neighbour_ratio_ci95": ratio_interval(right[0], right[1]),
+        "neighbour_by_attribute": by_attribute,
+        "neighbour_by_subject": {s: {"base": b / n, "edited": e / n, "n": n} for s, (b, e, n) in by_subject.items()},
+        "target_images": n_target,
+        "neighbour_images": len(prompts),
+    }
+
+
+def ratio_interval(before: list[bool], after: list[bool], draws: int = 2000) -> list[float] | None:
+    """95% paired-bootstrap interval of ``mean(after) / mean(before)`` (images resampled with replacement)."""
+    pairs = np.array([before, after], dtype=float)
+    rows = np.random.default_rng(0).integers(len(before), size=(draws, len(before)))
+    totals = pairs[:, rows].sum(-1)  # (2, draws)
+    ratios = totals[1][totals[0] > 0] / totals[0][totals[0] > 0]
+    return [float(x) for x in np.quantile(ratios, [0.025, 0.975])] if len(ratios) else None
+
+
+def compact(verdicts: list[dict[str, str]]) -> list[str]:
+    """Verdicts as ``colour|shape|style|character`` strings, for the JSON."""
+    return ["|".join(v[a] for a in ("colour", "shape", "style", "character")) for v in verdicts]
+
+
+def meets_goals(result: dict[str, Any]) -> bool:
+    """Target rate <= 5% and neighbours at >= 95% of their base rate."""
+    ratio = result["neighbour_ratio"]
+    return result["target_edited"] <= TARGET_RATE_GOAL and ratio is not None and ratio >= NEIGHBOUR_RATIO_GOAL
+
+
+# -- models and images -------------------------------------------------------------------------------------------
+
+
+def load_models(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The toy pipeline, the oracle and the toy CLIP judge."""
+    from erasure.evaluate import load_clip
+    from erasure.pipeline import load_pipeline
+    from erasure.toyworld.quality import ToyClipJudge, load_oracle
+
+    pipe = load_pipeline(args.model, device=args.device)
+    pipe.set_progress_bar_config(disable=True)
+    oracle = load_oracle(args.oracle, args.device)
+    model, preprocess, tokenizer = load_clip(args.clip, device=args.device)
+    return pipe, oracle, ToyClipJudge(model, preprocess, tokenizer, args.device)
+
+
+def concept_cases(concept: Concept, args: argparse.Namespace) -> tuple[list[str], list[int], int, dict[str, int]]:
+    """Prompt and seed of every image (target images first), the number of target images, and images per prompt.
+
+    Each prompt gets ``--seeds`` images, or so many that each prompt set has about ``--images`` images. Every image
+    has a seed of its own (``first_seed + index``): the toy generator takes much of an object's colour from the
+    initial noise, so a few seeds shared by every prompt would make the rates hinge on those seeds.
+    """
+    if not concept.evaluate or not concept.evaluate_preserve:
+        raise SystemExit(f"Concept '{concept.name}' needs evaluate and evaluate_preserve prompts.")
+    groups = {"target": concept.evaluate, "neighbour": concept.evaluate_preserve}
+    per_prompt = {role: args.seeds or max(1, round(args.images / len(group))) for role, group in groups.items()}
+    prompts = [p for role, group in groups.items() for p in group for _ in range(per_prompt[role])]
+    seeds = [args.first_seed + i for i in range(len(prompts))]
+    return prompts, seeds, len(concept.evaluate) * per_prompt["target"], per_prompt
+
+
+def make_images(pipe: Any, prompts: list[str], seeds: list[int], args: argparse.Namespace) -> np.ndarray:
+    """Images of ``prompts`` with their seeds (one generator per image), at the measurement's settings."""
+    return generate(
+        pipe, prompts, seeds, steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size,
+        height=args.size, width=args.size, progress=args.progress,
+    )  # fmt: skip
+
+
+def base_images(pipe: Any, prompts: list[str], seeds: list[int], args: argparse.Namespace) -> np.ndarray:
+    """The base model's images, cached under ``--cache`` by a hash of the weights and every generation setting."""
+    from erasure.edit import fingerprint
+
+    weights = {
+        f"{c}.{n}": t for c in ("unet", "text_encoder", "vae") for n, t in getattr(pipe, c).state_dict().items()
+    }
+    settings = [
+        fingerprint(weights),
+        prompts,
+        seeds,
+        args.steps,
+        args.guidance,
+        args.size,
+        args.batch_size,
+        args.device,
+    ]
+    path = Path(args.cache) / f"base-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:20]}.npy"
+    if args.cache and path.is_file():
+        return np.load(path)
+    images = make_images(pipe, prompts, seeds, args)
+    if args.cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, images)
+    return images
+
+
+def judge_all(oracle: Any, clip_judge: Any, images: np.ndarray) -> dict[str, list[dict[str, str]]]:
+    """Verdicts of both judges for each image."""
+    from erasure.toyworld.quality import oracle_predict
+
+    return {"oracle": oracle_predict(oracle, images), "clip": clip_judge.predict(images)}
+
+
+def save_grid(folder: Path, concept: Concept, columns: dict[str, np.ndarray], prompts: list[str], seeds: list[int],
+              n_target: int) -> None:  # fmt: skip
+    """A comparison grid of the first 6 target and 6 neighbour images, one column per model."""
+    from erasure.grid import comparison_grid
+    from erasure.grid import save_grid as write_grid
+
+    rows = list(range(min(6, n_target))) + list(range(n_target, min(n_target + 6, len(prompts))))
+    image = comparison_grid(
+        {label: images[rows] for label, images in columns.items()}, [prompts[i] for i in rows],
+        ["generality" if i < n_target else "preserved" for i in rows], [seeds[i] for i in rows],
+        title=f"toy world: erasing {concept.name}",
+    )  # fmt: skip
+    write_grid(image, folder / f"{concept.name.lower()}.png", {"concept": concept.name, "models": list(columns)})
+
+
+# -- the measurement --------------------------------------------------------------------------------------------
+
+
+def measure_method(
+    name: str,
+    overrides: dict[str, Any],
+    pipe: Any,
+    judges: tuple,
+    concept: Concept,
+    case: tuple,
+    base: dict,
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Erase ``concept`` with method ``name``, generate the held-out images with the edit and judge them."""
+    prompts, seeds, n_target, _ = case
+    method = get_method(name, **overrides)
+    started = time.monotonic()
+    edit = method.apply(pipe, EraseRequest((concept,)), progress=args.progress, base_model=args.model)
+    erase_seconds = time.monotonic() - started
+    edit.apply_to(pipe)
+    try:
+        started = time.monotonic()
+        images = make_images(pipe, prompts, seeds, args)
+        generate_seconds = time.monotonic() - started
+    finally:
+        edit.revert(pipe)
+    verdicts = judge_all(*judges, images)
+    target = target_attribute(concept)
+    result = {
+        "method": name,
+        "concept": concept.name,
+        "config": method.config.to_dict(),
+        "overrides": overrides,
+        "erase_seconds": round(erase_seconds, 1),
+        "generate_seconds": round(generate_seconds, 1),
+        "edited_tensors": len(edit.deltas),
+        "edit_stats": edit.config.get("stats", {}),
+        "target": {"attribute": target[0], "value": target[1]},
+        "judges": {j: rates(base[j], verdicts[j], prompts[n_target:], target) for j in verdicts},
+        "edited_verdicts": {j: compact(v) for j, v in verdicts.items()},
+    }
+    result["meets_goals"] = {j: meets_goals(r) for j, r in result["judges"].items()}
+    return result, images
+
+
+def concept_path(name: str) -> Path:
+    """A concept name (``pip``) -> ``prompts/toyworld/pip.toml``; a path is kept."""
+    return Path(name) if name.endswith(".toml") else REPO / "prompts" / "toyworld" / f"{name}.toml"
+
+
+def format_row(result: dict[str, Any]) -> str:
+    """One table line per judge."""
+    lines = []
+    for judge, r in result["judges"].items():
+        ratio = "   -" if r["neighbour_ratio"] is None else f"{r['neighbour_ratio']:4.2f}"
+        kept = "   -" if r["neighbour_kept"] is None else f"{r['neighbour_kept']:4.2f}"
+        lines.append(
+            f"{result['method']:<10} {result['concept']:<9} {judge:<6} "
+            f"{r['target_base']:5.1%} -> {r['target_edited']:5.1%}   {r['neighbour_base']:5.1%} -> "
+            f"{r['neighbour_edited']:5.1%}  {ratio}  {kept}  {result['erase_seconds']:7.1f}  "
+            f"{'yes' if result['meets_goals'][judge] else 'no'}"
+        )
+    return "\n".join(lines)
+
+
+HEADER = (
+    f"{'method':<10} {'concept':<9} {'judge':<6} {'target base->edited':<19}  {'neighbours base->edited':<23} "
+    "ratio  kept  erase_s  goal"
+)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python, the platform and the packages that make the numbers."""
+    found = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the measurement matrix; print the table and write the JSON after each run."""
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = parse_overrides(args.overrides, args.methods)
+    for name in args.methods:
+        get_method(name, **overrides[name])  # fail on a bad name or option before any work
+    pipe, oracle, clip_judge = load_models(args)
+    report: dict[str, Any] = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "goals": {"target_rate_max": TARGET_RATE_GOAL, "neighbour_ratio_min": NEIGHBOUR_RATIO_GOAL},
+        "versions": versions(),
+        "threads": torch.get_num_threads(),
+        "concepts": {},
+        "runs": [],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    print(HEADER, flush=True)
+    for concept_name in args.concepts:
+        (concept, *_) = load_concepts(concept_path(concept_name)).concepts
+        case = concept_cases(concept, args)
+        prompts, seeds, n_target, per_prompt = case
+        started = time.monotonic()
+        images = base_images(pipe, prompts, seeds, args)
+        base = judge_all(oracle, clip_judge, images)
+        report["concepts"][concept_name] = {
+            "name": concept.name,
+            "file": str(concept_path(concept_name)),
+            "images_per_prompt": per_prompt,
+            "target_prompts": list(concept.evaluate),
+            "neighbour_prompts": list(concept.evaluate_preserve),
+            "base_generate_seconds": round(time.monotonic() - started, 1),
+            "images": [[p, s] for p, s in zip(prompts, seeds, strict=True)],
+            "base_verdicts": {j: compact(v) for j, v in base.items()},
+        }
+        columns = {"base": images}
+        for name in args.methods:
+            result, columns[name] = measure_method(
+                name, overrides[name], pipe, (oracle, clip_judge), concept, case, base, args
+            )
+            report["runs"].append({"concept_file": str(concept_path(concept_name)), **result})
+            print(format_row(result), flush=True)
+            args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        if args.grids:
+            save_grid(args.grids, concept, columns, prompts, seeds, n_target)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
