@@ -188,9 +188,11 @@ def compact(verdicts: list[dict[str, str]]) -> list[str]:
     return ["|".join(v[a] for a in ("colour", "shape", "style", "character")) for v in verdicts]
 
 
-def meets_goals(result: dict[str, Any]) -> bool:
-    """Target rate <= 5% and neighbours at >= 95% of their base rate."""
+def meets_goals(result: dict[str, Any]) -> bool | None:
+    """Target rate <= 5% and neighbours at >= 95% of their base rate; ``None`` if the base model misses the target."""
     ratio = result["neighbour_ratio"]
+    if result["target_base"] <= TARGET_RATE_GOAL:
+        return None
     return result["target_edited"] <= TARGET_RATE_GOAL and ratio is not None and ratio >= NEIGHBOUR_RATIO_GOAL
 
 
@@ -343,7 +345,7 @@ def format_row(result: dict[str, Any]) -> str:
             f"{result['method']:<10} {result['concept']:<9} {judge:<6} "
             f"{r['target_base']:5.1%} -> {r['target_edited']:5.1%}   {r['neighbour_base']:5.1%} -> "
             f"{r['neighbour_edited']:5.1%}  {ratio}  {kept}  {result['erase_seconds']:7.1f}  "
-            f"{'yes' if result['meets_goals'][judge] else 'no'}"
+            f"{ {True: 'yes', False: 'no', None: 'n/a'}[result['meets_goals'][judge]] }"
         )
     return "\n".join(lines)
 

@@ -58,6 +58,7 @@ def test_rates_are_paired_fractions(measure):
     assert r["neighbour_by_attribute"]["character"] == {"base": 0.75, "edited": 0.5}
     assert r["neighbour_by_attribute"]["colour"] == {"base": 0.5, "edited": 0.5}
     assert measure.meets_goals(r) is False
+    assert measure.meets_goals({**r, "target_base": 0.0}) is None  # nothing to erase
     low, high = r["neighbour_ratio_ci95"]
     assert 0 <= low <= r["neighbour_ratio"] <= high
 
