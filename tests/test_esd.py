@@ -210,3 +210,29 @@ def test_nan_loss_raises_and_restores(monkeypatch):
     with pytest.raises(NonFiniteEditError, match="ESD loss became nan"):
         get_method("esd-x", **FAST).apply(pipe, PIP, progress=False)
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+
+
+def test_esd_borrows_the_snapshot_of_apply_and_leaves_it_intact(monkeypatch):
+    """Memory: the frozen values are apply()'s own snapshot (no second copy), swapped back after every use."""
+    pipe = tiny_pipeline("sd1")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    seen: dict = {"stored": set()}
+    real_erase, real_swap = ESD._erase, esd_module.original_weights
+
+    def spy_erase(self, *args, originals=None, **kwargs):
+        seen["snapshot"] = {id(tensor) for tensor in originals.values()}
+        return real_erase(self, *args, originals=originals, **kwargs)
+
+    def spy_swap(parameters, stored):
+        seen["stored"].update(id(tensor) for tensor in stored)
+        return real_swap(parameters, stored)
+
+    monkeypatch.setattr(ESD, "_erase", spy_erase)
+    monkeypatch.setattr(esd_module, "original_weights", spy_swap)
+    edit = get_method("esd-x", **FAST, lr=1e-2).apply(pipe, PIP, progress=False)
+    assert seen["stored"] and seen["stored"] == seen["snapshot"]
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())  # restored from the snapshot
+    edit.apply_to(pipe)
+    for key, delta in edit.deltas.items():
+        name = key.removeprefix("unet.")
+        torch.testing.assert_close(pipe.unet.state_dict()[name], before[name] + delta)

@@ -147,7 +147,7 @@ class _Nudge(EraseMethod):
     config_class = _NudgeConfig
     parameter_preset = "xattn_kv"
 
-    def _erase(self, pipe, request, parameters, *, images=None, progress=True):
+    def _erase(self, pipe, request, parameters, *, images=None, progress=True, originals=None):
         first = next(iter(parameters.values()))
         first.requires_grad_(True)
         with torch.no_grad():

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
+from torch import Tensor
 
 from erasure.concepts import EraseRequest, check_encodable
 from erasure.edit import Edit, fingerprint
@@ -196,6 +197,7 @@ class EraseMethod:
         *,
         images: Any = None,
         progress: bool = True,
+        originals: dict[str, Tensor] | None = None,
     ) -> dict[str, Any]:
         """The method's hook: change ``parameters`` in place to erase ``request``'s concepts.
 
@@ -205,6 +207,10 @@ class EraseMethod:
             parameters: The selected parameters, to modify in place.
             images: Optional images of the concepts, for methods that use them.
             progress: Show a progress bar.
+            originals: :meth:`apply`'s snapshot of ``parameters`` before the hook runs (same keys, on the CPU). A
+                hook that needs the original values (ESD's frozen predictions) may borrow these tensors instead of
+                cloning its own, and may even swap values in and out of them, provided that every tensor holds its
+                original value again when the hook returns or raises: :meth:`apply` restores the pipeline from them.
 
         Returns:
             JSON-friendly statistics (losses, residuals) stored in the edit.
@@ -256,7 +262,9 @@ class EraseMethod:
         try:
             with _preserved_module_state(pipe), torch.random.fork_rng(devices=rng_devices):
                 torch.manual_seed(self.config.seed)
-                stats = self._erase(pipe, method_request, parameters, images=images, progress=progress)
+                stats = self._erase(
+                    pipe, method_request, parameters, images=images, progress=progress, originals=originals
+                )
             bad = [key for key, p in parameters.items() if not torch.isfinite(p.detach()).all()]
             if bad:
                 raise NonFiniteEditError(

@@ -38,8 +38,9 @@ v-prediction (SD 2.x): both sides are compared in the model's own output space. 
 one, so the v-space target is exactly the v of the epsilon-space target; the v-space loss equals the epsilon loss
 weighted by ``1 / alpha_t^2``.
 
-Memory: no second UNet. Only the original values of the trained tensors are kept, and swapped into the parameters
-(in place, one tensor at a time) for the frozen predictions; the conditional and anchor predictions of the frozen
+Memory: no second UNet. Only the original values of the trained tensors are kept -- the snapshot that
+:meth:`~erasure.methods.base.EraseMethod.apply` takes anyway, borrowed rather than copied where it lives on the
+parameters' device -- and swapped into the parameters (in place, one tensor at a time) for the frozen predictions; the conditional and anchor predictions of the frozen
 model share one batched forward. The training forward runs with the UNet's gradient checkpointing
 (``gradient_checkpointing``, on by default): at SD 1.4 size (512 px, float32) the activations kept for the backward
 drop from about 1.5 GiB to 0.45 GiB, for one extra forward per iteration (a few percent of an iteration that also
@@ -163,6 +164,16 @@ def _swap_contents(parameters: Sequence[Tensor], stored: Sequence[Tensor]) -> No
         other.copy_(scratch)
 
 
+def _swappable(stored: Tensor | None, parameter: Tensor) -> bool:
+    """Whether ``stored`` can hold ``parameter``'s values for :func:`original_weights`."""
+    return (
+        stored is not None
+        and stored.device == parameter.device
+        and stored.dtype == parameter.dtype
+        and stored.shape == parameter.shape
+    )
+
+
 @contextlib.contextmanager
 def original_weights(parameters: Sequence[Tensor], originals: Sequence[Tensor]) -> Iterator[None]:
     """Run the block with ``originals`` in ``parameters``; the trained values are back on exit (also on errors).
@@ -251,12 +262,20 @@ class ESD(EraseMethod):
         *,
         images: Any = None,
         progress: bool = True,
+        originals: dict[str, Tensor] | None = None,
     ) -> dict[str, Any]:
         config = self.config
         if images is not None:
             logger.warning("ESD makes its own noisy latents from the model; the given images are not used.")
         trained = list(parameters.values())
-        originals = [parameter.detach().clone() for parameter in trained]
+        # borrow apply()'s snapshot where it can be swapped with the parameters directly (same device and dtype):
+        # original_weights() swaps values in and out and always swaps them back, so it is intact when we return
+        frozen_values = [
+            originals[key]
+            if originals is not None and _swappable(originals.get(key), parameter)
+            else parameter.detach().clone()
+            for key, parameter in parameters.items()
+        ]
         pipe.unet.requires_grad_(False)
         for parameter in trained:
             parameter.requires_grad_(True)
@@ -274,7 +293,7 @@ class ESD(EraseMethod):
                 cond, anchor = concept_cond[rows], anchor_cond[rows]
                 with torch.no_grad(), contextlib.ExitStack() as frozen:
                     if frozen_sampler:  # one swap covers the trajectory and the targets
-                        frozen.enter_context(original_weights(trained, originals))
+                        frozen.enter_context(original_weights(trained, frozen_values))
                     x_t, t = partial_ddim(
                         pipe,
                         cond,
@@ -286,7 +305,7 @@ class ESD(EraseMethod):
                         size=config.resolution,
                     )
                     if not frozen_sampler:
-                        frozen.enter_context(original_weights(trained, originals))
+                        frozen.enter_context(original_weights(trained, frozen_values))
                     # eps*(x_t, c, t) and eps*(x_t, a, t) of the original weights, in one batched forward
                     both = predict_noise(pipe, torch.cat([x_t, x_t]), t, Conditioning.cat([cond, anchor]))
                     out_concept, out_anchor = both.chunk(2)

@@ -184,6 +184,7 @@ class Resteer(EraseMethod):
         *,
         images: Any = None,
         progress: bool = True,
+        originals: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         config = self.config
         given = self._images_by_concept(request, images)

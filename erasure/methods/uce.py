@@ -150,6 +150,7 @@ class UCE(EraseMethod):
         *,
         images: Any = None,
         progress: bool = True,
+        originals: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """Solve Eq. 7 for every selected projection and write the result into ``parameters``."""
         tokenizer = pipe.tokenizer
