@@ -40,11 +40,13 @@ weighted by ``1 / alpha_t^2``.
 
 Memory: no second UNet. Only the original values of the trained tensors are kept -- the snapshot that
 :meth:`~erasure.methods.base.EraseMethod.apply` takes anyway, borrowed rather than copied where it lives on the
-parameters' device -- and swapped into the parameters (in place, one tensor at a time) for the frozen predictions; the conditional and anchor predictions of the frozen
-model share one batched forward. The training forward runs with the UNet's gradient checkpointing
-(``gradient_checkpointing``, on by default): at SD 1.4 size (512 px, float32) the activations kept for the backward
-drop from about 1.5 GiB to 0.45 GiB, for one extra forward per iteration (a few percent of an iteration that also
-runs ~25 DDIM steps).
+parameters' device -- and swapped into the parameters (in place, one tensor at a time) for the frozen predictions;
+the conditional and anchor predictions of the frozen model share one batched forward. The training forward runs
+with the UNet's gradient checkpointing (``gradient_checkpointing``, on by default): at SD 1.4 size (512 px,
+float32) the activations kept for the backward drop from about 1.5 GiB to 0.45 GiB, for one extra forward per
+iteration (a few percent of an iteration that also runs ~25 DDIM steps). What remains is the optimiser's state:
+gradients and Adam's two moments of the trained tensors, plus their snapshot (4 copies; ESD-x at SD 1.4: 4 x 168
+MiB).
 """
 
 from __future__ import annotations
