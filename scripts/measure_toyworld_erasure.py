@@ -15,7 +15,7 @@ judged twice, by the oracle (a CNN trained on renders) and zero-shot by the toy 
 * neighbour ratio: edited / base neighbour rate, and ``kept``: the fraction of neighbour images right at base that
   are still right after the edit (paired by seed).
 
-The toy generator follows prompts imperfectly (roughly colour 50%, shape 70%, style 90%, character 86%), so only
+The toy generator follows prompts imperfectly (colour 60%, shape 72%, style 90%, character 88%; g 8), so only
 base-versus-edited comparisons on the same seeds are meaningful. Goals (from the issue): target rate <= 5% with
 neighbours keeping >= 95% of their base rate.
 

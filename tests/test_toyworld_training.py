@@ -281,3 +281,42 @@ def test_save_pipeline_writes_a_stock_sd1_folder(tmp_path, tokenizer, script):
     # saving again replaces the folder atomically
     script.save_pipeline(out, vae, unet, text_encoder, tokenizer, scaling_factor=0.5)
     assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == 0.5
+
+
+# --- robustness augmentations (scripts/finetune_toyworld_clip.py) ---------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_strong_degradation_is_seeded_bounded_and_keeps_what_the_image_shows():
+    """degrade_strong changes pixels, not content: the shipped oracle still reads the renders' attributes."""
+    from erasure.toyworld.quality import fresh_renders, load_oracle, oracle_predict
+
+    images, labels = fresh_renders(96, seed=11)
+    batch = train.to_tensor(images)
+    first = train.degrade_strong(batch, torch.Generator().manual_seed(0))
+    again = train.degrade_strong(batch, torch.Generator().manual_seed(0))
+    other = train.degrade_strong(batch, torch.Generator().manual_seed(1))
+    assert first.shape == batch.shape and torch.equal(first, again) and not torch.equal(first, other)
+    assert first.min() >= -1 and first.max() <= 1 and (first - batch).abs().mean() > 0.02
+    degraded = ((first + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    verdicts = oracle_predict(load_oracle(REPO / "checkpoints/toyworld-oracle"), degraded)
+    for attribute in ORACLE_HEADS:
+        agreement = np.mean([v[attribute] == e[attribute] for v, e in zip(verdicts, labels, strict=True)])
+        assert agreement >= 0.85, (attribute, agreement)
+
+
+def test_vae_roundtrip_reconstructs_and_latent_noise_moves_it_further():
+    from diffusers import AutoencoderKL
+
+    from erasure.toyworld.quality import fresh_renders
+
+    vae = AutoencoderKL.from_pretrained(REPO / "checkpoints/toyworld-sd/vae").eval()
+    images, _ = fresh_renders(8, seed=5)
+    with torch.no_grad():
+        clean = train.vae_roundtrip(images, vae, torch.Generator().manual_seed(0))
+        noisy = train.vae_roundtrip(images, vae, torch.Generator().manual_seed(0), latent_noise=1.0)
+    assert clean.shape == images.shape and clean.dtype == np.uint8
+    clean_error = np.abs(clean.astype(float) - images).mean()
+    assert clean_error < 20  # a faithful reconstruction (pixel values 0..255)
+    assert np.abs(noisy.astype(float) - images).mean() > clean_error

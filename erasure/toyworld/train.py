@@ -76,6 +76,123 @@ def degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (blurred + shift + noise).clamp(-1, 1)
 
 
+def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image ``sigma`` ``(B, 1, 1, 1)`` and a ``2 * radius + 1`` tap kernel."""
+    taps = 2 * radius + 1
+    kernel_x = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype).view(1, 1, 1, taps)
+    weights = torch.exp(-(kernel_x**2) / (2 * sigma.clamp_min(1e-3) ** 2))
+    weights = weights / weights.sum(-1, keepdim=True)
+    padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
+    blurred = (padded.unfold(3, taps, 1) * weights.unsqueeze(-2)).sum(-1)
+    return (blurred.unfold(2, taps, 1) * weights.unsqueeze(-2)).sum(-1)
+
+
+def degrade_strong(images: torch.Tensor, generator: torch.Generator, max_scale: float = 1.45) -> torch.Tensor:
+    """Heavier, generator-like corruptions of renders in [-1, 1]: the ``degrade`` family made stronger, plus more.
+
+    Each image gets, in turn: a random similarity warp (rotation up to 8 degrees, scale from 0.85 up to
+    ``max_scale`` about the figure's centre as far as the figure stays on the canvas, shift up to 3 px, white fill);
+    a mild random colour-mixing matrix (identity plus up to 0.08 per entry) and a per-channel shift up to +-0.1;
+    low-frequency blotches (noise drawn on a 4x4 to 16x16 grid and upsampled, amplitude up to 0.35, kept inside the
+    figure) like the textures a small diffusion model paints into flat fills; a faint background tint; a Gaussian
+    blur of sigma up to 1.8; and pixel noise of standard deviation up to 0.1. None of these changes which colour,
+    shape, style or character the image shows.
+
+    Args:
+        images: Renders in [-1, 1], ``(B, 3, H, W)``.
+        generator: Source of randomness (on the images' device).
+        max_scale: Largest figure scale of the warp (1.45: a figure of the largest rendered size nearly fills the
+            canvas, as the generator's figures often do).
+
+    Returns:
+        Corrupted images in [-1, 1].
+    """
+    batch, _, height, width = images.shape
+    device, dtype = images.device, images.dtype
+
+    def uniform(*shape):
+        return torch.rand(*shape, generator=generator, device=device, dtype=dtype)
+
+    # geometry: rotation and isotropic scale about the figure's centre, which then moves by a few pixels; the scale
+    # goes up to max_scale (figures larger than the renderer draws, as a generator does) as long as the figure,
+    # rotated, stays on the canvas; the canvas outside is white (background)
+    mask = (images < 0.9).any(1)  # (B, H, W)
+    coords_y = (torch.arange(height, device=device, dtype=dtype) + 0.5) / height * 2 - 1
+    coords_x = (torch.arange(width, device=device, dtype=dtype) + 0.5) / width * 2 - 1
+    rows_any, cols_any = mask.any(2), mask.any(1)
+    big = torch.tensor(9.0, device=device, dtype=dtype)
+    x0 = torch.where(cols_any, coords_x, big).amin(1)
+    x1 = torch.where(cols_any, coords_x, -big).amax(1)
+    y0 = torch.where(rows_any, coords_y, big).amin(1)
+    y1 = torch.where(rows_any, coords_y, -big).amax(1)
+    empty = x1 < x0
+    centre = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2], -1).masked_fill(empty[:, None], 0.0)
+    half = (torch.maximum(x1 - x0, y1 - y0) / 2 + 1 / width).masked_fill(empty, 1.0) * 1.2  # room for rotation
+    limit = 1 - 2 * 2 / width  # keep 2 px of margin
+    largest = (limit / half).clamp(max=max_scale)
+    scale = torch.minimum(0.85 + uniform(batch) * (largest - 0.85).clamp_min(0), largest)
+    reach = (limit - half * scale).clamp_min(0)[:, None]
+    target = torch.maximum(torch.minimum(centre + (uniform(batch, 2) - 0.5) * 2 * (3 / (width / 2)), reach), -reach)
+    angle = (uniform(batch) - 0.5) * 2 * math.radians(8)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    linear = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], 1)  # output -> input
+    offset = centre - (linear @ target[:, :, None])[:, :, 0]
+    theta = torch.cat([linear, offset[:, :, None]], 2)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    warped = F.grid_sample(images - 1, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 1
+    figure = (warped < 0.9).any(1, keepdim=True).to(dtype)  # pixels that are not (near) white background
+    # colour: near-identity channel mixing about white, and a per-channel shift
+    mixing = torch.eye(3, device=device, dtype=dtype) + (uniform(batch, 3, 3) - 0.5) * 0.16
+    out = torch.einsum("bij,bjhw->bihw", mixing, warped - 1) + 1
+    out = out + (uniform(batch, 3, 1, 1) - 0.5) * 0.2
+    # low-frequency blotches inside the figure
+    cells = int(4 * 2 ** int(torch.randint(0, 3, (1,), generator=generator, device=device)))
+    blotch = torch.randn(batch, 3, cells, cells, generator=generator, device=device, dtype=dtype)
+    blotch = F.interpolate(blotch, size=(height, width), mode="bicubic", align_corners=False)
+    out = out + blotch * figure * (uniform(batch, 1, 1, 1) * 0.35)
+    # faint low-frequency tint of the background
+    tint = F.interpolate(torch.randn(batch, 3, 4, 4, generator=generator, device=device, dtype=dtype),
+                         size=(height, width), mode="bilinear", align_corners=False)  # fmt: skip
+    out = out - tint.abs() * (1 - figure) * (uniform(batch, 1, 1, 1) * 0.15)
+    out = _gaussian_blur(out, uniform(batch, 1, 1, 1) * 1.8, radius=3)
+    noise = torch.randn(images.shape, generator=generator, device=device, dtype=dtype)
+    return (out + noise * uniform(batch, 1, 1, 1) * 0.1).clamp(-1, 1)
+
+
+@torch.no_grad()
+def vae_roundtrip(images: np.ndarray, vae, generator: torch.Generator, latent_noise: float = 0.0,
+                  batch_size: int = 64) -> np.ndarray:  # fmt: skip
+    """Encode renders with a pipeline's VAE and decode them again, optionally with noise added to the latents.
+
+    Generated images are VAE decodes of latents a denoiser produced; a render sent through the same decoder carries
+    exactly that decoder's artefacts (soft edges, ringing, colour bleeding). ``latent_noise`` adds Gaussian noise of
+    a per-image standard deviation uniform in ``[0, latent_noise]`` (in units of the *scaled* latent, whose
+    standard deviation is about 1) to the sampled latent, imitating a denoiser's imperfect latents.
+
+    Args:
+        images: uint8 renders ``(N, 64, 64, 3)``.
+        vae: The pipeline's ``AutoencoderKL``.
+        generator: Source of the posterior samples and the latent noise (on the VAE's device).
+        latent_noise: Largest standard deviation of the added latent noise.
+        batch_size: Images per VAE call.
+
+    Returns:
+        uint8 decodes, same shape as ``images``.
+    """
+    device = next(vae.parameters()).device
+    scaling = vae.config.scaling_factor
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = to_tensor(images[start : start + batch_size]).to(device)
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator, device=device)
+        level = torch.rand(len(x), 1, 1, 1, generator=generator, device=device) * latent_noise
+        z = z + level * torch.randn(z.shape, generator=generator, device=device) / scaling
+        decoded = vae.decode(z).sample.float().clamp(-1, 1)
+        out.append(((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
 def scene_targets(scenes) -> dict[str, torch.Tensor]:
     """Class indices per oracle head for a list of scenes."""
     labels = [scene.labels() for scene in scenes]
@@ -356,19 +473,38 @@ def train_denoiser(latent_mean, latent_std, token_ids, tokenizer, scaling_factor
     return unet.eval(), text_encoder.eval(), ema
 
 
-def train_clip(images, scenes, captions, budget, device, seed=0, batch_size=1024, lr=1e-3, work_dir=None):
+def train_clip(images, scenes, captions, budget, device, seed=0, batch_size=1024, lr=1e-3, work_dir=None,
+               init=None, augment=None, warmup_steps=200, train_text=True):  # fmt: skip
     """Contrastive training of the toy open_clip model (Radford et al. 2021) on renders and their captions.
 
     Captions repeat across the batch (63 subjects), so the InfoNCE targets are soft: every caption of the same
     subject counts as a positive (supervised-contrastive targets), instead of punishing true matches.
+
+    Args:
+        images: uint8 training images ``(N, 64, 64, 3)`` (renders, or renders sent through ``vae_roundtrip``).
+        scenes: The scene of each image.
+        captions: The caption of each image (empty ones are skipped).
+        budget: Step and wall-clock budget.
+        device: Training device.
+        seed: Seed of weights, batches and augmentation.
+        batch_size: Images per step.
+        lr: Peak learning rate (linear warm-up over ``warmup_steps``, then cosine to 0).
+        work_dir: Folder for resumable training state, or ``None``.
+        init: Optional open_clip model to continue from (fine-tuning); a fresh one otherwise.
+        augment: ``augment(images, generator)`` applied to every batch; ``degrade`` when ``None``.
+        warmup_steps: Steps of linear learning-rate warm-up.
+        train_text: When ``False``, the text tower and the logit scale stay frozen and only the image tower trains
+            (fine-tuning for robustness without moving the zero-shot class embeddings); each distinct caption's
+            features are then computed once.
     """
     import open_clip
 
     from erasure.toyworld.models import CLIP_MODEL_NAME, build_clip
 
     torch.manual_seed(seed)
-    model, _ = build_clip()
+    model = init if init is not None else build_clip()[0]
     model = model.to(device)
+    augment = augment or degrade
     tokenizer = open_clip.get_tokenizer(CLIP_MODEL_NAME)
     keep = [i for i, c in enumerate(captions) if c]
     x = to_tensor(images[keep])
@@ -376,7 +512,16 @@ def train_clip(images, scenes, captions, budget, device, seed=0, batch_size=1024
     subject_names = [subject(scenes[i]) for i in keep]
     subject_index = {name: k for k, name in enumerate(sorted(set(subject_names)))}
     subject_ids = torch.tensor([subject_index[name] for name in subject_names])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    frozen_text = None
+    if not train_text:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith("visual."))
+        distinct, caption_row = torch.unique(tokens, dim=0, return_inverse=True)
+        with torch.no_grad():
+            model.eval()
+            frozen_text = F.normalize(model.encode_text(distinct.to(device)).float(), dim=-1)[caption_row.to(device)]
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.1)
     start = _resume(work_dir, "clip", {"model": model}, optimizer)
     generator = torch.Generator().manual_seed(seed)
     device_generator = torch.Generator(device).manual_seed(seed)
@@ -385,17 +530,21 @@ def train_clip(images, scenes, captions, budget, device, seed=0, batch_size=1024
     def step(index: int, progress: float) -> float:
         model.train()
         rows = next(batches)
-        batch = degrade(x[rows].to(device), device_generator)
+        batch = augment(x[rows].to(device), device_generator)
         same = (subject_ids[rows, None] == subject_ids[None, rows]).float().to(device)
         targets = same / same.sum(1, keepdim=True)
         with _autocast(device):
-            image_features, text_features, logit_scale = model(batch, tokens[rows].to(device))[:3]
+            if frozen_text is None:
+                image_features, text_features, logit_scale = model(batch, tokens[rows].to(device))[:3]
+            else:
+                image_features = model.encode_image(batch, normalize=True)
+                text_features, logit_scale = frozen_text[rows.to(device)], model.logit_scale.exp().detach()
         logits = logit_scale.float() * image_features.float() @ text_features.float().T
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (index + 1) / 200) * 0.5 * (1 + math.cos(math.pi * progress))
+            group["lr"] = lr * min(1.0, (index + 1) / max(1, warmup_steps)) * 0.5 * (1 + math.cos(math.pi * progress))
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
