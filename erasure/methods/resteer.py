@@ -66,7 +66,10 @@ class ResteerConfig(MethodConfig):
         default="xattn", metadata={"help": "parameters trained: xattn (cross-attention), unet (all), xattn_kv"}
     )
     steps: int = field(default=35, metadata={"help": "optimisation steps"})
-    lr: float = field(default=2e-6, metadata={"help": "AdamW learning rate"})
+    lr: float = field(
+        default=2e-6,
+        metadata={"help": "AdamW learning rate (official 2e-6; the toy-world model needs ~1e-4, see README)"},
+    )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 turns it off)"})
     batch_size: int = field(default=1, metadata={"help": "noised images per step"})
