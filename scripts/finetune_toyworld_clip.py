@@ -26,36 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def save_clip(out: Path, model) -> None:
-    """Save an open_clip model as a ``local-dir:`` folder (config + safetensors), like ``checkpoints/toyworld-clip``.
-
-    Args:
-        out: Destination folder (replaced if it exists).
-        model: The open_clip model.
-    """
-    from safetensors.torch import save_file
-
-    from erasure.toyworld import models
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "open_clip_model.safetensors")
-    config = {"model_cfg": models.CLIP_CONFIG, "preprocess_cfg": models.CLIP_PREPROCESS}
-    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    (tmp / f"{models.CLIP_MODEL_NAME}.json").write_text(json.dumps(models.CLIP_CONFIG, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
 
 
 def vae_images(renders: np.ndarray, args: argparse.Namespace) -> np.ndarray:
@@ -142,7 +117,7 @@ def main() -> None:
 
     import open_clip
 
-    from erasure.toyworld import quality, train
+    from erasure.toyworld import models, quality, train
 
     started = time.monotonic()
     images, captions, scenes = train.render_dataset(args.renders, args.data_seed, workers=1)
@@ -154,7 +129,7 @@ def main() -> None:
     model = train.train_clip(images, scenes, captions, train.StageBudget(args.steps), args.device, seed=args.seed,
                              batch_size=args.batch_size, lr=args.lr, init=model, augment=augment,
                              warmup_steps=args.warmup, train_text=args.train_text)  # fmt: skip
-    save_clip(args.out, model)
+    models.save_clip(model, args.out)
     tokenizer = open_clip.get_tokenizer(f"local-dir:{args.out}")
     judge = quality.ToyClipJudge(model, preprocess, tokenizer, args.device)
     renders, labels = quality.fresh_renders(2000)

@@ -102,19 +102,6 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, scaling_factor:
     os.replace(tmp, out)
 
 
-def save_clip(out: Path, model) -> None:
-    """Save the toy CLIP as an open_clip ``local-dir:`` folder plus the raw architecture JSON."""
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "open_clip_model.safetensors")
-    config = {"model_cfg": models.CLIP_CONFIG, "preprocess_cfg": models.CLIP_PREPROCESS}
-    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    (tmp / f"{models.CLIP_MODEL_NAME}.json").write_text(json.dumps(models.CLIP_CONFIG, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 def save_oracle(out: Path, oracle) -> None:
     """Save the oracle's weights (safetensors) and label spaces."""
     out.mkdir(parents=True, exist_ok=True)
@@ -194,7 +181,7 @@ def main() -> None:
         t0 = time.monotonic()
         clip = train.train_clip(images, scenes, captions, budget("clip"), device, seed=args.seed,
                                 work_dir=args.work_dir)  # fmt: skip
-        save_clip(args.out / "toyworld-clip", clip)
+        models.save_clip(clip, args.out / "toyworld-clip")
         report["clip_seconds"] = round(time.monotonic() - t0, 1)
 
     report["total_seconds"] = round(time.monotonic() - started, 1)

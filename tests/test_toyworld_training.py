@@ -210,7 +210,7 @@ def test_clip_trains_resumes_and_loads_through_open_clip(data, loops, tmp_path, 
     assert_resumed(tmp_path, "clip", run, loops, ["model"])
 
     out = tmp_path / "toyworld-clip"
-    script.save_clip(out, model)
+    models.save_clip(model, out)
     assert {p.suffix for p in out.iterdir()} == {".safetensors", ".json"}
     loaded, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     assert_same_state(loaded.state_dict(), model.state_dict(), "clip")

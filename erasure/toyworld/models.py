@@ -179,3 +179,32 @@ class Oracle(nn.Module):
         return [
             {name: ORACLE_HEADS[name][indices[name][row]] for name in ORACLE_HEADS} for row in range(images.shape[0])
         ]
+
+
+def save_clip(model: nn.Module, out: str | Path) -> None:
+    """Save a toy CLIP as an open_clip ``local-dir:`` folder, as ``checkpoints/toyworld-clip`` is laid out.
+
+    The folder holds ``open_clip_config.json`` (architecture and preprocessing), ``open_clip_model.safetensors``
+    and the raw architecture JSON. It is written to a temporary sibling first and renamed into place, so an
+    interrupted save never leaves a half-written folder; an existing ``out`` is replaced.
+
+    Args:
+        model: The open_clip model.
+        out: Destination folder.
+    """
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, tmp / "open_clip_model.safetensors")
+    config = {"model_cfg": CLIP_CONFIG, "preprocess_cfg": CLIP_PREPROCESS}
+    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    (tmp / f"{CLIP_MODEL_NAME}.json").write_text(json.dumps(CLIP_CONFIG, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
