@@ -136,7 +136,8 @@ def _vae() -> AutoencoderKL:
     )
 
 
-def _scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+def sd_ddim_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """Stable Diffusion's DDIM scheduler settings (scaled-linear betas 0.00085..0.012, steps offset 1)."""
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -170,7 +171,7 @@ def _build(family: ModelFamily) -> DiffusionPipeline:
             text_encoder=CLIPTextModel(_text_config(tokenizer, 32, "quick_gelu", 32)),
             tokenizer=tokenizer,
             unet=_unet(),
-            scheduler=_scheduler(),
+            scheduler=sd_ddim_scheduler(),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -182,7 +183,7 @@ def _build(family: ModelFamily) -> DiffusionPipeline:
             text_encoder=CLIPTextModel(_text_config(tokenizer, 32, "gelu", 32)),
             tokenizer=tokenizer,
             unet=_unet(attention_head_dim=(2, 4), use_linear_projection=True),
-            scheduler=_scheduler("v_prediction"),
+            scheduler=sd_ddim_scheduler("v_prediction"),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
@@ -207,7 +208,7 @@ def _build(family: ModelFamily) -> DiffusionPipeline:
             projection_class_embeddings_input_dim=6 * time_embed_dim + text_encoder_2.config.projection_dim,
             cross_attention_dim=32 + 64,
         ),
-        scheduler=_scheduler(),
+        scheduler=sd_ddim_scheduler(),
         add_watermarker=False,
     )
 

@@ -159,10 +159,10 @@ def synthetic_request(concepts: int, erase_per: int, preserve_per: int, seed: in
 def sd14_pipeline(words: list[str], seed: int = 0) -> Any:
     """SD 1.4's UNet and text encoder architectures with random weights, a small VAE, a generated tokenizer."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from erasure.testing import TINY_WORDS, tiny_tokenizer
+    from erasure.testing import TINY_WORDS, sd_ddim_scheduler, tiny_tokenizer
 
     tokenizer = tiny_tokenizer((*TINY_WORDS, "artwork", *words))
     special = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
@@ -171,14 +171,7 @@ def sd14_pipeline(words: list[str], seed: int = 0) -> Any:
         unet = UNet2DConditionModel(**SD14_UNET)
         text_encoder = CLIPTextModel(CLIPTextConfig(**SD14_TEXT, **special, pad_token_id=tokenizer.pad_token_id))
         vae = AutoencoderKL(**SMALL_VAE)
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_ddim_scheduler()
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -58,24 +58,6 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random blur, noise and small colour shifts, so judges trained on renders tolerate generated images."""
-    batch = images.shape[0]
-    device = images.device
-    sigma = torch.rand(batch, 1, 1, 1, generator=generator, device=device) * 1.2
-    kernel_x = torch.arange(-2, 3, device=device, dtype=images.dtype).view(1, 1, 1, 5)
-    weights = torch.exp(-(kernel_x**2) / (2 * sigma.clamp_min(1e-3) ** 2))  # (B, 1, 1, 5)
-    weights = weights / weights.sum(-1, keepdim=True)
-    padded = F.pad(images, (2, 2, 2, 2), mode="replicate")
-    unfolded = padded.unfold(3, 5, 1)  # (B, 3, H+4, W, 5)
-    blurred = (unfolded * weights.unsqueeze(-2)).sum(-1)
-    unfolded = blurred.unfold(2, 5, 1)  # (B, 3, H, W, 5)
-    blurred = (unfolded * weights.unsqueeze(-2)).sum(-1)
-    shift = (torch.rand(batch, 3, 1, 1, generator=generator, device=device) - 0.5) * 0.12
-    noise = torch.randn(images.shape, generator=generator, device=device) * 0.06
-    return (blurred + shift + noise).clamp(-1, 1)
-
-
 def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
     """Separable Gaussian blur with a per-image ``sigma`` ``(B, 1, 1, 1)`` and a ``2 * radius + 1`` tap kernel."""
     taps = 2 * radius + 1
@@ -85,6 +67,17 @@ def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> to
     padded = F.pad(images, (radius, radius, radius, radius), mode="replicate")
     blurred = (padded.unfold(3, taps, 1) * weights.unsqueeze(-2)).sum(-1)
     return (blurred.unfold(2, taps, 1) * weights.unsqueeze(-2)).sum(-1)
+
+
+def degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random blur, noise and small colour shifts, so judges trained on renders tolerate generated images."""
+    batch = images.shape[0]
+    device = images.device
+    sigma = torch.rand(batch, 1, 1, 1, generator=generator, device=device) * 1.2
+    blurred = _gaussian_blur(images, sigma, radius=2)
+    shift = (torch.rand(batch, 3, 1, 1, generator=generator, device=device) - 0.5) * 0.12
+    noise = torch.randn(images.shape, generator=generator, device=device) * 0.06
+    return (blurred + shift + noise).clamp(-1, 1)
 
 
 def degrade_strong(images: torch.Tensor, generator: torch.Generator, max_scale: float = 1.45) -> torch.Tensor:
