@@ -13,7 +13,7 @@ A TOML concept file holds one or more ``[[concept]]`` tables::
     name = "Pip"
     kind = "character"
     erase = ["Pip", "a picture of Pip"]
-    anchor = ""
+    anchor = ""            # or one anchor per erase prompt: ["a character", "a picture of a character"]
     preserve = ["Zog", "Miro", "a yellow circle"]
     evaluate = ["a drawing of Pip", "an image of Pip"]
     evaluate_preserve = ["a drawing of Zog", "a drawing of a yellow circle"]
@@ -62,6 +62,18 @@ def _prompts(value: Any, field_name: str) -> tuple[str, ...]:
     return tuple(prompts)
 
 
+def _anchor(name: str, value: Any) -> str | tuple[str, ...]:
+    """A normalised anchor: one string, or a tuple of strings (``""`` allowed: the unconditional prompt)."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, Sequence) or not all(isinstance(text, str) for text in texts):
+        raise ValueError(
+            f"Concept '{name}': 'anchor' must be a string (\"\" for unconditional) or a list of strings, one per "
+            f"erase prompt; got {value!r}."
+        )
+    normalised = tuple(" ".join(text.split()) for text in texts)
+    return normalised[0] if isinstance(value, str) else normalised
+
+
 @dataclass(frozen=True)
 class Concept:
     """One concept to erase, with the prompts a method may use and the held-out prompts it may not.
@@ -72,7 +84,10 @@ class Concept:
         name: Display name, also the default concept words (``"Pip"``, ``"Van Gogh"``).
         kind: One of :data:`KINDS`.
         erase: Prompts showing the concept, which a method may use (at least one).
-        anchor: What erased prompts should map to; ``""`` means the unconditional (empty) prompt.
+        anchor: What erased prompts should map to; ``""`` means the unconditional (empty) prompt. A list gives
+            one anchor per erase prompt, in order (paired anchors: ``"a striped red circle"`` ->
+            ``"a red circle"``), so each prompt is steered to itself without the concept rather than to nothing;
+            :attr:`erase_anchors` reads either form.
         preserve: Prompts whose outputs must be kept (for example UCE's preservation set).
         evaluate: Held-out prompts of the concept, for evaluation only; never handed to a method.
         evaluate_preserve: Held-out neighbour prompts, for evaluation only.
@@ -82,7 +97,7 @@ class Concept:
     name: str
     kind: str
     erase: tuple[str, ...]
-    anchor: str = ""
+    anchor: str | tuple[str, ...] = ""
     preserve: tuple[str, ...] = ()
     evaluate: tuple[str, ...] = ()
     evaluate_preserve: tuple[str, ...] = ()
@@ -94,9 +109,7 @@ class Concept:
         object.__setattr__(self, "name", " ".join(self.name.split()))
         if self.kind not in KINDS:
             raise ValueError(f"Concept '{self.name}': unknown kind {self.kind!r}; choose from {', '.join(KINDS)}.")
-        if not isinstance(self.anchor, str):
-            raise ValueError(f"Concept '{self.name}': 'anchor' must be a string (\"\" for unconditional).")
-        object.__setattr__(self, "anchor", " ".join(self.anchor.split()))
+        object.__setattr__(self, "anchor", _anchor(self.name, self.anchor))
         for name in _PROMPT_FIELDS:
             try:
                 object.__setattr__(self, name, _prompts(getattr(self, name), name))
@@ -111,11 +124,22 @@ class Concept:
                 f"Concept '{self.name}': {clash[0]!r} is both an erase and a preserve prompt; a prompt cannot be "
                 "erased and kept at once; remove it from one of the lists."
             )
-        if self.anchor in erase:
+        if isinstance(self.anchor, tuple) and len(self.anchor) != len(self.erase):
             raise ValueError(
-                f"Concept '{self.name}': the anchor {self.anchor!r} is also an erase prompt; anchor to a different "
-                'prompt, or to "" (unconditional).'
+                f"Concept '{self.name}': 'anchor' lists {len(self.anchor)} prompts but 'erase' has {len(self.erase)}; "
+                "give one anchor per erase prompt, in order, or a single string for all of them."
             )
+        for anchor in dict.fromkeys(self.erase_anchors):
+            if anchor in erase:
+                raise ValueError(
+                    f"Concept '{self.name}': the anchor {anchor!r} is also an erase prompt; anchor to a different "
+                    'prompt, or to "" (unconditional).'
+                )
+
+    @property
+    def erase_anchors(self) -> tuple[str, ...]:
+        """The anchor of each erase prompt, aligned with ``erase`` (one shared anchor is repeated)."""
+        return self.anchor if isinstance(self.anchor, tuple) else (self.anchor,) * len(self.erase)
 
     @property
     def concept_words(self) -> tuple[str, ...]:
@@ -323,7 +347,7 @@ def check_encodable(tokenizer: Any, request: EraseRequest) -> None:
                     "(it encodes to the unknown token); spell it differently."
                 )
         texts = [*concept.erase, *concept.preserve, *concept.evaluate, *concept.evaluate_preserve]
-        for text in [concept.anchor, *texts] if concept.anchor else texts:
+        for text in [*dict.fromkeys(anchor for anchor in concept.erase_anchors if anchor), *texts]:
             ids = tokenizer(text, add_special_tokens=True, truncation=False).input_ids
             if len(ids) > limit:
                 raise ValueError(

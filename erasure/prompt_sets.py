@@ -309,7 +309,8 @@ def rows_from_request(
     * each ``evaluate_preserve`` prompt becomes a ``preserved`` row.
 
     Zero-shot classes of every row of a concept: the concept's name, its ``preserve`` prompts, its anchor (or
-    ``fallback_anchor`` for the unconditional anchor ``""``), and any ``evaluate_preserve`` prompt that mentions none
+    ``fallback_anchor`` for the unconditional anchor ``""`` and for paired anchors, which differ per erase prompt
+    and so name no single class), and any ``evaluate_preserve`` prompt that mentions none
     of these (it is then its own class). An erased/generality row's true class is the concept's name; a preserved
     row's is the longest class it mentions (the prompt itself when none).
 
@@ -330,7 +331,8 @@ def rows_from_request(
         raise ValueError(f"seeds_per_prompt must be at least 1, got {seeds_per_prompt}.")
     rows: list[PromptRow] = []
     for concept in request.concepts:
-        anchor = concept.anchor or fallback_anchor
+        shared = dict.fromkeys(concept.erase_anchors)
+        anchor = (next(iter(shared)) if len(shared) == 1 else "") or fallback_anchor
         known = _dedupe([concept.name, *concept.preserve, anchor])
         own_class = [
             p for p in concept.evaluate_preserve if not any(_mentions(p, c) for c in known if c != concept.name)

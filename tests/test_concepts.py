@@ -95,6 +95,10 @@ def test_whitespace_is_normalised():
         ({"anchor": "Pip"}, "anchor"),
         ({"erase": ["Pip", "  "]}, "empty prompt"),
         ({"erase": ["Pip", 3]}, "list of strings"),
+        ({"anchor": ["Zog"]}, "'anchor' lists 1 prompts but 'erase' has 2"),
+        ({"anchor": ["Zog", "a picture of Pip"]}, "anchor 'a picture of Pip' is also an erase prompt"),
+        ({"anchor": ["Zog", 3]}, "'anchor' must be a string"),
+        ({"anchor": 3}, "'anchor' must be a string"),
     ],
 )
 def test_bad_concepts_raise_clear_errors(fields, message):
@@ -214,3 +218,28 @@ def test_toyworld_concept_files(name):
         assert not any(word in prompt.lower().split() for prompt in concept.preserve + concept.evaluate_preserve)
     if name == "triangle":
         assert not any("Zog" in p for p in request.concepts[0].preserve + request.concepts[0].erase)
+
+
+def test_paired_anchors_align_with_erase_prompts_and_round_trip(tmp_path):
+    text = """
+[[concept]]
+name = "striped"
+kind = "style"
+erase = ["a striped red circle", "a picture of a  striped blue square"]
+anchor = ["a red circle", " a picture of a blue square"]
+"""
+    request = load_concepts(write(tmp_path, text))
+    (striped,) = request.concepts
+    assert striped.anchor == ("a red circle", "a picture of a blue square")  # normalised, kept as a tuple
+    assert dict(zip(striped.erase, striped.erase_anchors, strict=True)) == {
+        "a striped red circle": "a red circle",
+        "a picture of a striped blue square": "a picture of a blue square",
+    }
+    assert EraseRequest.from_dict(json.loads(json.dumps(request.to_dict()))) == request
+    assert request.for_method().concepts[0].erase_anchors == striped.erase_anchors
+
+
+def test_one_anchor_string_serves_every_erase_prompt():
+    concept = Concept(name="Pip", kind="character", erase=["Pip", "a picture of Pip"], anchor="a cat")
+    assert concept.erase_anchors == ("a cat", "a cat")
+    assert Concept(name="Pip", kind="character", erase=["Pip"]).erase_anchors == ("",)

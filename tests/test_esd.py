@@ -203,6 +203,17 @@ def test_anchor_replaces_the_unconditional_prediction():
     torch.testing.assert_close(always_uncond.prompt_embeds, uncond.prompt_embeds.expand(3, -1, -1))
 
 
+def test_paired_anchors_give_each_erase_prompt_its_own_reference():
+    pipe = tiny_pipeline("sd1")
+    pairs = {"a striped red circle": "a red circle", "a striped blue square": "", "striped zog": "zog"}
+    concept = Concept(name="striped", kind="style", erase=tuple(pairs), anchor=tuple(pairs.values()))
+    prompts, _, anchor, uncond = get_method("esd-x")._conditionings(pipe, EraseRequest((concept,)))
+    assert prompts == list(pairs)
+    for row, reference in enumerate(pairs.values()):
+        expected = encode_prompts(pipe, [reference]).prompt_embeds[0] if reference else uncond.prompt_embeds[0]
+        torch.testing.assert_close(anchor.prompt_embeds[row], expected)
+
+
 def test_nan_loss_raises_and_restores(monkeypatch):
     pipe = tiny_pipeline("sd1")
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}

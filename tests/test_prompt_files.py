@@ -32,7 +32,7 @@ def test_there_are_prompt_files():
 def test_concept_file_parses_and_keeps_held_out_prompts_apart(path):
     request = load_concepts(path)
     for concept in request.concepts:
-        seen_by_method = {*concept.erase, *concept.preserve, concept.anchor}
+        seen_by_method = {*concept.erase, *concept.preserve, *concept.erase_anchors}
         held_out = {*concept.evaluate, *concept.evaluate_preserve}
         assert concept.evaluate, f"{concept.name}: no held-out target prompts"
         assert concept.evaluate_preserve, f"{concept.name}: no held-out neighbour prompts"

@@ -172,6 +172,16 @@ def test_rows_from_request_uses_the_anchor_as_a_class():
     assert rows[0].anchor == "a green cross"
 
 
+def test_paired_anchors_name_no_single_class_so_rows_use_the_fallback():
+    (pip,) = pip_request().concepts
+    paired_anchors = ["a yellow circle", "a picture of a yellow circle"]
+    paired = EraseRequest((Concept(**(pip.to_dict() | {"anchor": paired_anchors})),))
+    rows = rows_from_request(paired)
+    assert rows[0].anchor == "a photo" and "a picture of a yellow circle" not in rows[0].classes
+    same = EraseRequest((Concept(**(pip.to_dict() | {"anchor": ["a green cross", "a green cross"]})),))
+    assert rows_from_request(same)[0].anchor == "a green cross"  # one anchor, written twice, is still one class
+
+
 def test_rows_from_request_round_trip_through_csv(tmp_path):
     rows = rows_from_request(pip_request())
     assert load_prompt_csv(save_prompt_csv(rows, tmp_path / "pip.csv")) == rows

@@ -156,6 +156,23 @@ def test_uce_erases_several_concepts_at_once(pipe):
         assert (w @ striped - target).norm() < 1e-3 * target.norm()  # the concept's token, not the prompt's last
 
 
+def test_uce_maps_each_erase_prompt_to_its_paired_anchor(pipe):
+    # The concept word comes after the words that differ, so its token embeddings differ (causal text encoder);
+    # with the word first ("a striped red ...") both rows would be one input with two targets.
+    pairs = {"red striped": "a red circle", "blue striped": "a blue square"}
+    concept = Concept(name="striped", kind="style", erase=tuple(pairs), anchor=tuple(pairs.values()))
+    edit = get_method("uce", lamb=1e-6).apply(pipe, EraseRequest((concept,)))
+    striped = {prompt: encode_prompts(pipe, [prompt]).prompt_embeds[0, 2].double() for prompt in pairs}
+    for key in kv_keys(edit):
+        w0 = pipeline_tensor(pipe, key).detach().double()
+        w = w0 + edit.deltas[key].double()
+        for prompt, anchor in pairs.items():
+            target = w0 @ last_token_embedding(pipe, anchor)
+            assert (w @ striped[prompt] - target).norm() < 1e-3 * target.norm(), (key, prompt)
+        other = w0 @ last_token_embedding(pipe, "a blue square")
+        assert (w @ striped["red striped"] - other).norm() > 0.1 * other.norm()  # not the other pair's anchor
+
+
 def test_uce_all_tokens_maps_end_of_text_too(pipe):
     prompt = "a picture of pip"
     edit = get_method("uce", lamb=1e-6, tokens="all_tokens").apply(pipe, request_from_prompts([prompt]))

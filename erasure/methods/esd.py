@@ -244,9 +244,9 @@ class ESD(EraseMethod):
         """Erase prompts, their conditionings, their anchors' conditionings and the unconditional one."""
         prompts = [prompt for concept in request.concepts for prompt in concept.erase]
         anchors = [
-            concept.anchor if self.config.anchor == "concept" else ""
+            anchor if self.config.anchor == "concept" else ""
             for concept in request.concepts
-            for _ in concept.erase
+            for anchor in concept.erase_anchors
         ]
         unconditional = unconditional_conditioning(pipe)
         concept_cond = encode_prompts(pipe, prompts)

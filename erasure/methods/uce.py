@@ -19,6 +19,11 @@ Which token embeddings become the ``c_i``:
   end-of-text token, mapped to the anchor's end-of-text token (it carries the whole prompt through causal
   attention). Preserve prompts use all their tokens after the start token.
 
+Paired anchors (``Concept.anchor`` as a list, one per erase prompt) give each erase prompt's rows its own anchor.
+The text encoder is causal, so a concept token's embedding depends only on the words before it: erase prompts that
+share the words up to the concept ("a striped red circle", "a striped blue square") give one and the same ``c_i``,
+and the least-squares solve then maps it to the mean of their anchors' outputs.
+
 SDXL: the text embeddings are both encoders' hidden states concatenated, as the UNet sees them.
 """
 
@@ -118,10 +123,10 @@ class UCE(EraseMethod):
         self, tokenizer: Any, concept: Concept, embeddings: dict[str, Tensor]
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Erase inputs ``c_i`` and the anchor embeddings whose outputs are their targets."""
-        anchor_last, anchor_end = _positions(tokenizer, concept.anchor)
-        anchor = embeddings[concept.anchor]
         inputs, anchors = [], []
-        for prompt in concept.erase:
+        for prompt, anchor_prompt in zip(concept.erase, concept.erase_anchors, strict=True):
+            anchor_last, anchor_end = _positions(tokenizer, anchor_prompt)
+            anchor = embeddings[anchor_prompt]
             found = token_indices(tokenizer, prompt, concept.concept_words)
             last, end = _positions(tokenizer, prompt)
             if not found:
@@ -155,7 +160,8 @@ class UCE(EraseMethod):
         """Solve Eq. 7 for every selected projection and write the result into ``parameters``."""
         tokenizer = pipe.tokenizer
         preserve = list(request.preserve_prompts)
-        prompts = list(dict.fromkeys([*request.erase_prompts, *(c.anchor for c in request.concepts), *preserve]))
+        anchors = [anchor for concept in request.concepts for anchor in concept.erase_anchors]
+        prompts = list(dict.fromkeys([*request.erase_prompts, *anchors, *preserve]))
         encoded = encode_short(pipe, prompts)
         embeddings = dict(zip(prompts, encoded, strict=True))
 
