@@ -315,7 +315,9 @@ def _add_erase(subparsers: argparse._SubParsersAction) -> None:
         what.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt to erase (repeat)")
         what.add_argument("--name", help="concept name of --prompt (default: the first prompt)")
         what.add_argument("--kind", default="object", help="concept kind of --prompt")
-        what.add_argument("--anchor", default="", help="what --prompt maps to ('' = unconditional)")
+        what.add_argument(
+            "--anchor", default="", help="what --prompt maps to ('' = unconditional; one per prompt: a concept file)"
+        )
         what.add_argument("--preserve", nargs="+", action="extend", default=[], metavar="P", help="prompts to keep")
         sub.add_argument("--images", type=Path, help="folder of concept images (subfolders per concept name)")
         sub.add_argument("--out", type=Path, required=True, help="run folder to write the edit into")

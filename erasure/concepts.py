@@ -126,8 +126,9 @@ class Concept:
             )
         if isinstance(self.anchor, tuple) and len(self.anchor) != len(self.erase):
             raise ValueError(
-                f"Concept '{self.name}': 'anchor' lists {len(self.anchor)} prompts but 'erase' has {len(self.erase)}; "
-                "give one anchor per erase prompt, in order, or a single string for all of them."
+                f"Concept '{self.name}': 'anchor' lists {len(self.anchor)} anchor(s) but 'erase' has "
+                f"{len(self.erase)} prompt(s); give one anchor per erase prompt, in order, or a single string for "
+                "all of them."
             )
         for anchor in dict.fromkeys(self.erase_anchors):
             if anchor in erase:

@@ -30,8 +30,9 @@ How zero-shot classes are formed
 --------------------------------
 A row's true class is its ``concept``; its candidates are its ``classes``, or, when empty, every distinct concept
 of the prompt set. Rows built from a concept file (:func:`erasure.prompt_sets.rows_from_request`) get the
-concept's name, its ``preserve`` prompts and its anchor (``"a photo"`` for the unconditional anchor) as classes:
-for the toy world, the target against its neighbours. Rows without a concept get no zero-shot verdict.
+concept's name, its ``preserve`` prompts and its anchor (``"a photo"`` for the unconditional anchor and for paired
+anchors) as classes: for the toy world, the target against its neighbours. Rows without a concept get no
+zero-shot verdict.
 
 ``metrics.json`` (schema_version 1)
 -----------------------------------

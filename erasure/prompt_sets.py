@@ -51,7 +51,7 @@ REQUIRED_COLUMNS: tuple[str, ...] = ("case_number", "prompt", "evaluation_seed")
 #: Columns that stand in for ``concept`` when a file has none (UCE/ESD: artist; UCE imagenette: class).
 CONCEPT_ALIASES: tuple[str, ...] = ("artist", "class", "label_str")
 CLASS_SEPARATOR = "|"
-#: Class text used when a concept's anchor is the unconditional prompt ``""``.
+#: Class text used when a concept's anchor is the unconditional prompt ``""`` or paired (one per erase prompt).
 FALLBACK_ANCHOR = "a photo"
 
 #: Roles an image plays in the erasure metrics.
@@ -318,7 +318,7 @@ def rows_from_request(
         request: An :class:`erasure.concepts.EraseRequest`.
         seeds_per_prompt: Rows per prompt; row ``j`` of a prompt has seed ``base_seed + j``.
         base_seed: Seed of each prompt's first row.
-        fallback_anchor: Anchor class text for concepts anchored to the empty prompt.
+        fallback_anchor: Anchor class text for concepts anchored to the empty prompt or with paired anchors.
 
     Returns:
         Rows numbered ``0, 1, ...`` in the order above, each with ``extra["anchor"]`` (the anchor class text of

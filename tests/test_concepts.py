@@ -95,7 +95,7 @@ def test_whitespace_is_normalised():
         ({"anchor": "Pip"}, "anchor"),
         ({"erase": ["Pip", "  "]}, "empty prompt"),
         ({"erase": ["Pip", 3]}, "list of strings"),
-        ({"anchor": ["Zog"]}, "'anchor' lists 1 prompts but 'erase' has 2"),
+        ({"anchor": ["Zog"]}, "'anchor' lists 1 anchor\\(s\\) but 'erase' has 2"),
         ({"anchor": ["Zog", "a picture of Pip"]}, "anchor 'a picture of Pip' is also an erase prompt"),
         ({"anchor": ["Zog", 3]}, "'anchor' must be a string"),
         ({"anchor": 3}, "'anchor' must be a string"),
@@ -216,6 +216,10 @@ def test_toyworld_concept_files(name):
         word = concept.concept_words[0].lower()
         assert all(word in prompt.lower().split() for prompt in concept.erase + concept.evaluate)
         assert not any(word in prompt.lower().split() for prompt in concept.preserve + concept.evaluate_preserve)
+        assert not any(word in anchor.lower().split() for anchor in concept.erase_anchors)
+    if name == "striped":  # paired: each erase prompt's anchor is the same prompt without the style word
+        (striped,) = request.concepts
+        assert striped.erase_anchors == tuple(prompt.replace("striped ", "") for prompt in striped.erase)
     if name == "triangle":
         assert not any("Zog" in p for p in request.concepts[0].preserve + request.concepts[0].erase)
 

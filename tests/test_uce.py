@@ -163,6 +163,7 @@ def test_uce_maps_each_erase_prompt_to_its_paired_anchor(pipe):
     concept = Concept(name="striped", kind="style", erase=tuple(pairs), anchor=tuple(pairs.values()))
     edit = get_method("uce", lamb=1e-6).apply(pipe, EraseRequest((concept,)))
     striped = {prompt: encode_prompts(pipe, [prompt]).prompt_embeds[0, 2].double() for prompt in pairs}
+    assert edit.config["stats"]["erase_rows_with_conflicting_anchors"] == 0
     for key in kv_keys(edit):
         w0 = pipeline_tensor(pipe, key).detach().double()
         w = w0 + edit.deltas[key].double()
@@ -171,6 +172,22 @@ def test_uce_maps_each_erase_prompt_to_its_paired_anchor(pipe):
             assert (w @ striped[prompt] - target).norm() < 1e-3 * target.norm(), (key, prompt)
         other = w0 @ last_token_embedding(pipe, "a blue square")
         assert (w @ striped["red striped"] - other).norm() > 0.1 * other.norm()  # not the other pair's anchor
+
+
+def test_uce_maps_one_token_with_several_paired_anchors_to_their_mean(pipe, caplog):
+    # "striped" comes first, so both prompts give the same "striped" embedding: one input, two targets.
+    pairs = {"a striped red circle": "a red circle", "a striped blue square": "a blue square"}
+    concept = Concept(name="striped", kind="style", erase=tuple(pairs), anchor=tuple(pairs.values()))
+    with caplog.at_level("WARNING", logger="erasure.methods.uce"):
+        edit = get_method("uce", lamb=1e-6).apply(pipe, EraseRequest((concept,)))
+    assert "2 of 2 erase rows share their token embedding" in caplog.text
+    assert edit.config["stats"]["erase_rows_with_conflicting_anchors"] == 2
+    striped = encode_prompts(pipe, ["a striped red circle"]).prompt_embeds[0, 2].double()
+    for key in kv_keys(edit):
+        w0 = pipeline_tensor(pipe, key).detach().double()
+        w = w0 + edit.deltas[key].double()
+        mean = sum(w0 @ last_token_embedding(pipe, anchor) for anchor in pairs.values()) / 2
+        assert (w @ striped - mean).norm() < 1e-3 * mean.norm(), key
 
 
 def test_uce_all_tokens_maps_end_of_text_too(pipe):

@@ -9,7 +9,9 @@ trained with the squared error between the two sides (:func:`esd_target` builds 
 :meth:`ESD._erase` the loss). With an anchor prompt ``a`` (``Concept.anchor``), the unconditional ``eps*(x_t, t)``
 becomes ``eps*(x_t, a, t)``: the edited model maps ``c`` to ``a`` pushed away from ``c``; the default anchor ``""``
 is exactly Eq. 7. (This is our reading of an anchor; the official ``--erase_from`` option is different: it conditions
-the edited model on the ``erase_from`` prompt and keeps the unconditional in the guidance term.)
+the edited model on the ``erase_from`` prompt and keeps the unconditional in the guidance term.) Paired anchors (one
+per erase prompt, ``"a striped red circle"`` -> ``"a red circle"``) make the guidance term the concept's own
+direction, ``eps*(x_t, c, t) - eps*(x_t, a, t)``, rather than everything the prompt draws.
 
 Each iteration draws one erase prompt, a DDIM step ``k`` uniformly from ``{0, ..., ddim_steps - 1}`` and fresh
 noise, runs ``k`` DDIM steps with guidance ``guidance`` (3 in both official scripts) to get ``x_t`` at

@@ -111,6 +111,13 @@ def encode_short(pipe: DiffusionPipeline, prompts: Sequence[str]) -> Tensor:
     return torch.cat(chunks)
 
 
+def conflicting_rows(inputs: Tensor, anchors: Tensor, tolerance: float = 1e-6) -> int:
+    """How many erase rows have the same input ``c_i`` as a row with a different anchor (relative ``tolerance``)."""
+    same_input = torch.cdist(inputs, inputs) <= tolerance * inputs.norm(dim=1).max()
+    same_anchor = torch.cdist(anchors, anchors) <= tolerance * anchors.norm(dim=1).max()
+    return int((same_input & ~same_anchor).any(dim=1).sum())
+
+
 @register("uce")
 class UCE(EraseMethod):
     """Unified Concept Editing: closed-form edit of every cross-attention key/value projection."""
@@ -174,6 +181,15 @@ class UCE(EraseMethod):
 
         c_erase = torch.stack(erase_inputs)  # [n_e, d]
         c_anchor = torch.stack(anchor_inputs)  # [n_e, d]
+        conflicting = conflicting_rows(c_erase, c_anchor)
+        if conflicting:
+            logger.warning(
+                "UCE: %d of %d erase rows share their token embedding with a row of a different anchor (the text "
+                "encoder is causal: the concept word's embedding sees only the words before it); each such group is "
+                "mapped to the mean of its anchors' outputs.",
+                conflicting,
+                len(c_erase),
+            )
         c_preserve = torch.stack(preserve_inputs) if preserve_inputs else c_erase.new_zeros((0, c_erase.shape[1]))
         inputs = torch.cat([c_erase, c_preserve])
         weights = torch.cat(
@@ -202,6 +218,7 @@ class UCE(EraseMethod):
         return {
             "edited_projections": len(parameters),
             "erase_rows": len(c_erase),
+            "erase_rows_with_conflicting_anchors": conflicting,
             "preserve_rows": len(c_preserve),
             "relative_erase_residual": sum(erase_error) / len(erase_error),
             "relative_preserve_drift": sum(preserve_drift) / len(preserve_drift) if preserve_drift else 0.0,
