@@ -104,7 +104,13 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         help="zero-shot template with {} for the class (repeatable; default depends on the CLIP)",
     )
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance scale of every image (default: each CSV row's evaluation_guidance, as ESD's "
+        "and UCE's prompt files carry it, else 7.5)",
+    )
     parser.add_argument(
         "--seeds-per-prompt",
         type=int,

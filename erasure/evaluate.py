@@ -43,7 +43,8 @@ zero-shot verdict.
       "clip": {"model": "ViT-L-14-quickgelu", "pretrained": "openai", "templates": ["a photo of {}.", ...],
                "logit_scale": 100.0},
       "generation": {"steps": 25, "guidance": 7.5, "height": 512, "width": 512, "seeds_per_prompt": 1,
-                     "seeds": [per image, in image order]},          # values null when scoring given images
+                     "seeds": [per image, in image order]},          # values null when scoring given images;
+                     # guidance "per-row" when rows' evaluation_guidance differ (per_image.csv has each one)
       "prompts": {"source": "prompts/x.csv", "kind": "csv" | "concepts" | "manifest", "sha256": "...",
                   "rows": 10, "images_per_model": 10, "roles": {"erased": 5, "preserved": 5, ...}},
       "models": {"base": {"kind": "base", "source": "CompVis/stable-diffusion-v1-4", "images": "images/base"},
@@ -68,8 +69,8 @@ One row per (model, image), models in ``metrics.json`` order, images in prompt-s
 (:data:`PER_IMAGE_COLUMNS`): ``model, case_number, sample_index, seed, prompt, concept, type, role, image``
 (path relative to the output folder, or absolute for scored folders elsewhere), ``clip_score, predicted, correct,
 target_prob, target_vs_anchor, paired_cosine`` (empty where undefined; booleans as 0/1), then provenance repeated
-on every row: ``clip_model, clip_pretrained, templates`` (``|``-joined), ``steps, guidance, height, width,
-prompts_sha256, model_source, edit_fingerprint, base_fingerprint, erasure_version, torch_version,
+on every row: ``clip_model, clip_pretrained, templates`` (``|``-joined), ``steps, guidance`` (the image's own),
+``height, width, prompts_sha256, model_source, edit_fingerprint, base_fingerprint, erasure_version, torch_version,
 diffusers_version, transformers_version, open_clip_version``.
 """
 
@@ -78,6 +79,7 @@ from __future__ import annotations
 import csv
 import datetime
 import io
+import itertools
 import json
 import logging
 import math
@@ -146,6 +148,10 @@ DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of {}.", "a painting of {}.", "an
 TOY_TEMPLATES: tuple[str, ...] = ("{}", "a picture of {}", "an image of {}", "a drawing of {}")
 CMMD_SIGMA = 10.0
 CMMD_SCALE = 1000.0
+#: Guidance of generated images when neither ``guidance`` nor the prompt row's own column gives one.
+DEFAULT_GUIDANCE = 7.5
+#: Per-row guidance column of the field's prompt files (ESD's ``data/*.csv``, UCE's and MACE's prompt files).
+GUIDANCE_COLUMN = "evaluation_guidance"
 
 PER_IMAGE_COLUMNS: tuple[str, ...] = (
     "model", "case_number", "sample_index", "seed", "prompt", "concept", "type", "role", "image",
@@ -987,12 +993,16 @@ def write_per_image_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 @dataclass(frozen=True)
 class ImageJob:
-    """Image ``sample`` of prompt row ``row``, generated with ``seed``; ``index`` orders all images of a run."""
+    """Image ``sample`` of prompt row ``row``, generated with ``seed`` and guidance ``guidance``.
+
+    ``index`` orders all images of a run; ``guidance`` is ``None`` for given images whose guidance is unknown.
+    """
 
     index: int
     row: PromptRow
     sample: int
     seed: int
+    guidance: float | None = None
 
     @property
     def filename(self) -> str:
@@ -1002,15 +1012,49 @@ class ImageJob:
         return image_filename(self.row.case_number, self.sample)
 
 
-def image_jobs(rows: Sequence[PromptRow], images_per_row: int = 1) -> list[ImageJob]:
-    """Images of a prompt set: row by row, image ``i`` of a row with seed ``evaluation_seed + i``."""
+def row_guidance(row: PromptRow) -> float | None:
+    """The row's own guidance scale (the ``evaluation_guidance`` column of ESD/UCE/MACE prompt files), if any.
+
+    Raises:
+        EvaluationError: If the column holds something that is not a positive number.
+    """
+    text = row.extra.get(GUIDANCE_COLUMN, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value) or value < 0:
+        raise EvaluationError(
+            f"Prompt row {row.case_number}: {GUIDANCE_COLUMN} is {text!r}; it must be a non-negative number."
+        )
+    return value
+
+
+def image_jobs(rows: Sequence[PromptRow], images_per_row: int = 1, guidance: float | None = None) -> list[ImageJob]:
+    """Images of a prompt set: row by row, image ``i`` of a row with seed ``evaluation_seed + i``.
+
+    Guidance of each image: ``guidance`` when given; else the row's ``evaluation_guidance`` (as the official ESD
+    and UCE generation scripts use it); else :data:`DEFAULT_GUIDANCE`.
+    """
     if images_per_row < 1:
         raise EvaluationError(f"images per prompt must be at least 1, got {images_per_row}.")
     jobs = []
     for row in rows:
+        scale = guidance if guidance is not None else row_guidance(row)
+        scale = DEFAULT_GUIDANCE if scale is None else scale
         for sample in range(images_per_row):
-            jobs.append(ImageJob(len(jobs), row, sample, row.evaluation_seed + sample))
+            jobs.append(ImageJob(len(jobs), row, sample, row.evaluation_seed + sample, scale))
     return jobs
+
+
+def generation_guidance(jobs: Sequence[ImageJob]) -> float | str | None:
+    """The run's guidance for reports: the one value every image used, ``"per-row"`` when they differ."""
+    values = {job.guidance for job in jobs}
+    if len(values) > 1:
+        return "per-row"
+    return next(iter(values), None)
 
 
 @dataclass
@@ -1115,7 +1159,7 @@ def run_evaluation(
     clip: str = DEFAULT_CLIP,
     templates: Sequence[str] | None = None,
     steps: int = 25,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     images_per_row: int = 1,
     batch_size: int = 8,
     height: int | None = None,
@@ -1148,7 +1192,8 @@ def run_evaluation(
         clip: ``NAME:TAG`` or a folder (see :func:`load_clip`).
         templates: Zero-shot templates (default: :func:`default_templates` of the CLIP).
         steps: Denoising steps.
-        guidance: Classifier-free guidance scale.
+        guidance: Classifier-free guidance scale of every image; ``None``: each row's ``evaluation_guidance``
+            column where the prompt file has one (as ESD's and UCE's generation scripts), else 7.5.
         images_per_row: Images per prompt row (seeds ``evaluation_seed + i``).
         batch_size: Images per pipeline call and per CLIP forward.
         height: Image height (default: the pipeline's native size).
@@ -1238,17 +1283,18 @@ def run_evaluation(
                 by_case[case],
                 sample,
                 int(first[(case, sample)].info.get("seed", by_case[case].evaluation_seed + sample)),
+                first[(case, sample)].info.get("guidance", generation["guidance"]),
             )
             for i, (case, sample) in enumerate(keys)
         ]
         images_per_row = max(sample for _, sample in keys) + 1
     else:
-        jobs = image_jobs(rows, images_per_row)
+        jobs = image_jobs(rows, images_per_row, guidance)
         pipe, entries = _load_models(model, edits, weights, run_device, dtype, taken)  # type: ignore[arg-type]
         from erasure.pipeline import default_image_size
 
         size = default_image_size(pipe)
-        generation.update(steps=steps, guidance=guidance, height=height or size, width=width or size)
+        generation.update(steps=steps, guidance=generation_guidance(jobs), height=height or size, width=width or size)
     evaluator_clip = load_clip(clip_name, clip_tag, device=run_device)
 
     # -- produce this process's images -----------------------------------------------------------------------------
@@ -1377,17 +1423,23 @@ def _producer(
         with _model_applied(entry, pipe):
             for start in tqdm(batches, desc=f"generate {entry.label}", disable=not show or None):
                 chunk = jobs[start : start + batch_size]
-                images = generate(
-                    pipe,
-                    [job.row.prompt for job in chunk],
-                    [job.seed for job in chunk],
-                    steps=generation["steps"],
-                    guidance_scale=generation["guidance"],
-                    batch_size=batch_size,
-                    height=generation["height"],
-                    width=generation["width"],
-                    progress=False,
-                )
+                parts = []
+                for scale, same in itertools.groupby(chunk, key=lambda job: job.guidance):  # one call per scale
+                    same = list(same)
+                    parts.append(
+                        generate(
+                            pipe,
+                            [job.row.prompt for job in same],
+                            [job.seed for job in same],
+                            steps=generation["steps"],
+                            guidance_scale=scale,
+                            batch_size=batch_size,
+                            height=generation["height"],
+                            width=generation["width"],
+                            progress=False,
+                        )
+                    )
+                images = np.concatenate(parts)
                 for job, image in zip(chunk, images, strict=True):
                     write_image(folder / job.filename, image)
                 yield chunk, images
@@ -1497,6 +1549,7 @@ def _write_reports(
                     "case_number": job.row.case_number,
                     "index": job.sample,
                     "seed": job.seed,
+                    "guidance": job.guidance,
                     "prompt": job.row.prompt,
                     "row": row_dicts[job.row.case_number],
                 }
@@ -1524,6 +1577,7 @@ def _write_reports(
                     "image": image_of[job.index],
                     **scores,
                     **constant,
+                    "guidance": job.guidance,
                     **provenance,
                 }
             )

@@ -11,8 +11,9 @@ first of ``artist``, ``class``, ``label_str`` stands in, as UCE's and ESD's file
 ``preserved``, ... see :data:`ROLE_OF_TYPE`) and ``classes`` (``|``-separated candidate classes of the row's
 zero-shot judgement). Every other column (ESD's ``evaluation_guidance``, UCE's ``artist``, MACE's ``type``, I2P's
 ``categories`` ...) is kept unchanged in :attr:`PromptRow.extra`, so the official files of ESD, UCE and MACE load
-as they are. A leading unnamed column (the index pandas writes) stands in for a missing ``case_number``, as in
-MACE's ``prompts_csv/*.csv``; otherwise it is dropped.
+as they are; ``erasure evaluate`` generates each row at its ``evaluation_guidance`` unless ``--guidance`` is given.
+A leading unnamed column (the index pandas writes) stands in for a missing ``case_number``, as in MACE's
+``prompts_csv/*.csv``; otherwise it is dropped.
 
 Example:
     >>> rows = load_prompt_csv("prompts/toyworld/pip.csv")

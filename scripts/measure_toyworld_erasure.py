@@ -272,14 +272,14 @@ def judge_all(oracle: Any, clip_judge: Any, images: np.ndarray) -> dict[str, lis
 
 def save_grid(folder: Path, concept: Concept, columns: dict[str, np.ndarray], prompts: list[str], seeds: list[int],
               n_target: int) -> None:  # fmt: skip
-    """A comparison grid of the first 6 target and 6 neighbour images, one column per model."""
+    """A comparison grid of the first 6 target ("erased": they name the concept) and 6 neighbour images."""
     from erasure.grid import comparison_grid
     from erasure.grid import save_grid as write_grid
 
     rows = list(range(min(6, n_target))) + list(range(n_target, min(n_target + 6, len(prompts))))
     image = comparison_grid(
         {label: images[rows] for label, images in columns.items()}, [prompts[i] for i in rows],
-        ["generality" if i < n_target else "preserved" for i in rows], [seeds[i] for i in rows],
+        ["erased" if i < n_target else "preserved" for i in rows], [seeds[i] for i in rows],
         title=f"toy world: erasing {concept.name}",
     )  # fmt: skip
     write_grid(image, folder / f"{concept.name.lower()}.png", {"concept": concept.name, "models": list(columns)})

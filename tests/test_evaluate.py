@@ -454,6 +454,7 @@ def test_evaluate_writes_images_metrics_and_per_image_rows(run, assets):
     assert document["clip"]["model"] == str(assets["clip"]) and document["clip"]["templates"]
     assert document["generation"]["seeds"] == [11, 12, 12, 13, 13, 14]  # evaluation_seed + i, row by row
     assert (document["generation"]["steps"], document["generation"]["height"]) == (2, 32)
+    assert document["generation"]["guidance"] == 7.5  # no --guidance and no evaluation_guidance column
     assert document["prompts"]["rows"] == 3 and document["prompts"]["images_per_model"] == 6
     assert len(document["prompts"]["sha256"]) == 64
     assert document["models"]["edit"]["edit_fingerprint"] and document["models"]["edit"]["base_fingerprint"]
@@ -493,6 +494,48 @@ def test_rescoring_the_image_folder_gives_the_same_metrics(run, assets, tmp_path
         for name, value in first["metrics"][label].items():
             expected = value if value is None else pytest.approx(value, rel=1e-5, abs=1e-7)
             assert again["metrics"][label][name] == expected, (label, name)
+
+
+def test_rows_evaluation_guidance_is_used_unless_guidance_is_given(assets, tmp_path):
+    from erasure.generate import generate, load_image
+    from erasure.pipeline import load_pipeline
+
+    rows = [  # ESD's prompt files carry a per-row guidance scale
+        PromptRow(0, "a drawing of Pip", 11, concept="Pip", type="erased", extra={"evaluation_guidance": "2.0"}),
+        PromptRow(1, "a drawing of Zog", 12, concept="Zog", type="preserved", extra={"evaluation_guidance": "9"}),
+        PromptRow(2, "a picture of Pip", 13, concept="Pip", type="erased", extra={"evaluation_guidance": "2.0"}),
+    ]
+    prompts = save_prompt_csv(rows, tmp_path / "guided.csv")
+    argv = [*evaluate_args(assets, tmp_path / "rows", "--model", str(assets["model"])), "--prompts", str(prompts)]
+    assert main([*argv, "--batch-size", "3"]) == 0  # one batch holding two scales: split into one call per scale
+    document = json.loads((tmp_path / "rows" / "metrics.json").read_text())
+    assert document["generation"]["guidance"] == "per-row"
+    per_image = read_csv(tmp_path / "rows" / "per_image.csv")
+    assert [float(r["guidance"]) for r in per_image] == [2.0, 9.0, 2.0]
+    pipe = load_pipeline(assets["model"])
+    saved = np.stack([load_image(tmp_path / "rows" / "images" / "base" / f"{i}_0.png") for i in range(3)])
+    for i, (row, scale) in enumerate(zip(rows, (2.0, 9.0, 2.0), strict=True)):
+        direct = generate(
+            pipe, [row.prompt], [row.evaluation_seed], steps=2, guidance_scale=scale, height=32, width=32
+        )
+        assert np.abs(direct[0].astype(int) - saved[i].astype(int)).max() <= 1, i
+    other = generate(pipe, [rows[1].prompt], [12], steps=2, guidance_scale=2.0, height=32, width=32)
+    assert np.abs(other[0].astype(int) - saved[1].astype(int)).max() > 1  # the scale mattered
+
+    assert main([*evaluate_args(assets, tmp_path / "fixed", "--model", str(assets["model"])), "--prompts",
+                 str(prompts), "--guidance", "4"]) == 0  # fmt: skip
+    fixed = json.loads((tmp_path / "fixed" / "metrics.json").read_text())
+    assert fixed["generation"]["guidance"] == 4.0
+    assert {float(r["guidance"]) for r in read_csv(tmp_path / "fixed" / "per_image.csv")} == {4.0}
+
+
+def test_a_bad_evaluation_guidance_is_a_clear_error(assets, tmp_path, capsys):
+    bad = [PromptRow(3, "a drawing of Pip", 1, extra={"evaluation_guidance": "strong"})]
+    prompts = save_prompt_csv(bad, tmp_path / "bad.csv")
+    argv = [*evaluate_args(assets, tmp_path / "out", "--model", str(assets["model"])), "--prompts", str(prompts)]
+    assert main(argv) != 0
+    assert "row 3: evaluation_guidance is 'strong'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_evaluate_from_a_concept_file_and_a_weights_file(assets, tmp_path):
