@@ -108,8 +108,8 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         "--guidance",
         type=float,
         default=None,
-        help="classifier-free guidance scale of every image (default: each CSV row's evaluation_guidance, as ESD's "
-        "and UCE's prompt files carry it, else 7.5)",
+        help="classifier-free guidance scale of every image (default: each CSV row's evaluation_guidance where the "
+        "file has one, else 7.5; ESD's and UCE's own scripts use 7.5 for every row)",
     )
     parser.add_argument(
         "--seeds-per-prompt",

@@ -1035,8 +1035,11 @@ def row_guidance(row: PromptRow) -> float | None:
 def image_jobs(rows: Sequence[PromptRow], images_per_row: int = 1, guidance: float | None = None) -> list[ImageJob]:
     """Images of a prompt set: row by row, image ``i`` of a row with seed ``evaluation_seed + i``.
 
-    Guidance of each image: ``guidance`` when given; else the row's ``evaluation_guidance`` (as the official ESD
-    and UCE generation scripts use it); else :data:`DEFAULT_GUIDANCE`.
+    Guidance of each image: ``guidance`` when given; else the row's ``evaluation_guidance`` (ESD's I2P file
+    carries I2P's own scale per prompt, and later erasure codebases generate with it); else
+    :data:`DEFAULT_GUIDANCE`. ESD's and UCE's own ``generate-images.py`` apply one ``--guidance_scale`` (7.5) to
+    every row: pass ``guidance=7.5`` to match them. Their seeding matches image 0 of each row (one generator seeded
+    with ``evaluation_seed``); their image ``i > 0`` is the generator's next draw, ours uses ``evaluation_seed + i``.
     """
     if images_per_row < 1:
         raise EvaluationError(f"images per prompt must be at least 1, got {images_per_row}.")
@@ -1193,7 +1196,7 @@ def run_evaluation(
         templates: Zero-shot templates (default: :func:`default_templates` of the CLIP).
         steps: Denoising steps.
         guidance: Classifier-free guidance scale of every image; ``None``: each row's ``evaluation_guidance``
-            column where the prompt file has one (as ESD's and UCE's generation scripts), else 7.5.
+            column where the prompt file has one, else 7.5 (see :func:`image_jobs`).
         images_per_row: Images per prompt row (seeds ``evaluation_seed + i``).
         batch_size: Images per pipeline call and per CLIP forward.
         height: Image height (default: the pipeline's native size).
