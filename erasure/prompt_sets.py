@@ -309,7 +309,8 @@ def rows_from_request(
       otherwise (a held-out phrasing that describes the concept without naming it);
     * each ``evaluate_preserve`` prompt becomes a ``preserved`` row.
 
-    Zero-shot classes of every row of a concept: the concept's name, its ``preserve`` prompts, its anchor (or
+    Zero-shot classes of every row of a concept: the concept's name, its ``preserve`` prompts (less those that
+    mention another preserve prompt, as ``a picture of Zog`` mentions ``Zog``), its anchor (or
     ``fallback_anchor`` for the unconditional anchor ``""`` and for paired anchors, which differ per erase prompt
     and so name no single class), and any ``evaluate_preserve`` prompt that mentions none
     of these (it is then its own class). An erased/generality row's true class is the concept's name; a preserved
@@ -334,7 +335,9 @@ def rows_from_request(
     for concept in request.concepts:
         shared = dict.fromkeys(concept.erase_anchors)
         anchor = (next(iter(shared)) if len(shared) == 1 else "") or fallback_anchor
-        known = _dedupe([concept.name, *concept.preserve, anchor])
+        # A preserve prompt that mentions another ("a picture of Zog" beside "Zog") is a phrasing, not a class.
+        preserve = [p for p in concept.preserve if not any(q != p and _mentions(p, q) for q in concept.preserve)]
+        known = _dedupe([concept.name, *preserve, anchor])
         own_class = [
             p for p in concept.evaluate_preserve if not any(_mentions(p, c) for c in known if c != concept.name)
         ]

@@ -172,6 +172,14 @@ def test_rows_from_request_uses_the_anchor_as_a_class():
     assert rows[0].anchor == "a green cross"
 
 
+def test_a_preserve_phrasing_of_another_preserve_prompt_is_no_class_of_its_own():
+    (pip,) = pip_request().concepts
+    phrased = Concept(**(pip.to_dict() | {"preserve": ["Zog", "a picture of Zog", "a yellow circle"]}))
+    rows = rows_from_request(EraseRequest((phrased,)))
+    assert rows[0].classes == ("Pip", "Zog", "a yellow circle", "a photo", "a red square")
+    assert {r.prompt: r.concept for r in rows}["a drawing of Zog"] == "Zog"
+
+
 def test_paired_anchors_name_no_single_class_so_rows_use_the_fallback():
     (pip,) = pip_request().concepts
     paired_anchors = ["a yellow circle", "a picture of a yellow circle"]
