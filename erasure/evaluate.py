@@ -1016,7 +1016,7 @@ def row_guidance(row: PromptRow) -> float | None:
     """The row's own guidance scale (the ``evaluation_guidance`` column of ESD/UCE/MACE prompt files), if any.
 
     Raises:
-        EvaluationError: If the column holds something that is not a positive number.
+        EvaluationError: If the column holds something that is not a non-negative number.
     """
     text = row.extra.get(GUIDANCE_COLUMN, "").strip()
     if not text:
@@ -1509,7 +1509,6 @@ def _write_reports(
         "clip_pretrained": clip_tag or "",
         "templates": "|".join(templates),
         "steps": generation.get("steps"),
-        "guidance": generation.get("guidance"),
         "height": generation.get("height"),
         "width": generation.get("width"),
         "prompts_sha256": prompt_source.sha256 if prompt_source else "",

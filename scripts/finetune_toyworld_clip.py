@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -55,8 +56,11 @@ def vae_images(renders: np.ndarray, args: argparse.Namespace) -> np.ndarray:
     vae = AutoencoderKL.from_pretrained(args.vae).to(args.device).eval()
     generator = torch.Generator(args.device).manual_seed(args.seed)
     decoded = vae_roundtrip(renders, vae, generator, latent_noise=args.latent_noise)
-    if args.vae_cache:
-        np.savez(args.vae_cache, images=decoded, key=np.array(key))
+    if args.vae_cache:  # written beside the cache and renamed: an interrupted run leaves no truncated cache
+        partial = args.vae_cache.with_name(args.vae_cache.name + ".partial")
+        with open(partial, "wb") as handle:
+            np.savez(handle, images=decoded, key=np.array(key))
+        os.replace(partial, args.vae_cache)
     return decoded
 
 
