@@ -279,6 +279,7 @@ class Recorder:
         self._grad_enabled = torch.is_grad_enabled
         self.calls: list[dict[str, Any]] = []
         self.steps: list[float] = []
+        self._forwards_at_last_step = -1
         self.phase_seconds: dict[str, float] = {}
         self._setup_depth = 0
         self._restore: list[tuple[Any, str, Any]] = []
@@ -322,7 +323,13 @@ class Recorder:
         self.calls[-1]["end"] = time.perf_counter()
 
     def _step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        # ESD steps one Adam per tensor inside the backward: steps with no UNet forward between them are one
+        # iteration, which ends at the last of them
+        if self.steps and self._forwards_at_last_step == len(self.calls):
+            self.steps[-1] = time.perf_counter()
+            return
         self.steps.append(time.perf_counter())
+        self._forwards_at_last_step = len(self.calls)
 
     def remove(self) -> None:
         """Remove the hooks and unwrap the phase functions."""
@@ -537,8 +544,9 @@ def _seconds(value: float | None) -> str:
 
 
 #: Tensors of the size of the trained selection that a method holds besides the weights: the base snapshot, plus
-#: for ESD its copy of the originals, gradients and Adam's two moments; for Forget-Me-Not gradients and AdamW's.
-COPIES = {"uce": 1, "esd": 5, "resteer": 4, "fmn": 4}
+#: for ESD Adam's two moments (it borrows the snapshot for its frozen predictions and steps each tensor inside the
+#: backward, so at most one tensor's gradient exists); for Forget-Me-Not gradients and AdamW's two moments.
+COPIES = {"uce": 1, "esd": 3, "resteer": 4, "fmn": 4}
 
 
 def _derived(result: dict[str, Any]) -> dict[str, Any]:

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 
 import pytest
@@ -9,7 +10,14 @@ import erasure.sampling as sampling_module
 from erasure.concepts import Concept, EraseRequest
 from erasure.methods import METHODS, PRESETS, get_method
 from erasure.methods.base import NonFiniteEditError, select_unet_parameters
-from erasure.methods.esd import ESD, ESDConfig, esd_target, original_weights
+from erasure.methods.esd import (
+    ESD,
+    ESDConfig,
+    adam_steps_in_backward,
+    esd_target,
+    gradient_checkpointing,
+    original_weights,
+)
 from erasure.pipeline import Conditioning, encode_prompts, predict_noise, unconditional_conditioning
 from erasure.sampling import ddim_scheduler, initial_noise
 from erasure.testing import tiny_pipeline
@@ -128,6 +136,63 @@ def test_frozen_predictions_are_the_original_models_throughout_training(monkeypa
 
 
 # --- training -----------------------------------------------------------------------------------------------------
+
+
+def _unet_training_steps(unet, parameters, steps, *, in_backward, lr=1e-2):
+    """``steps`` Adam steps on an MSE loss of the UNet, with one Adam after the backward or steps inside it."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(steps, 1, 4, 8, 8, generator=generator)
+    context = torch.randn(steps, 1, 77, unet.config.cross_attention_dim, generator=generator)
+    unet.requires_grad_(False)
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = None if in_backward else torch.optim.Adam(parameters, lr=lr)
+    with contextlib.ExitStack() as stack:
+        if in_backward:
+            stack.enter_context(adam_steps_in_backward(parameters, lr))
+        for step in range(steps):
+            loss = unet(latents[step], 500, context[step]).sample.square().mean()
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_adam_steps_in_backward_make_the_same_update_as_one_adam(checkpointing):
+    pipe = tiny_pipeline("sd1")
+    unet_after, unet_in = pipe.unet, copy.deepcopy(pipe.unet)
+    for unet in (unet_after, unet_in):
+        unet.train()
+    after = list(select_unet_parameters(unet_after, "xattn").values())
+    inside = list(select_unet_parameters(unet_in, "xattn").values())
+    before = [p.detach().clone() for p in after]
+    with gradient_checkpointing(unet_after, checkpointing), gradient_checkpointing(unet_in, checkpointing):
+        _unet_training_steps(unet_after, after, 3, in_backward=False)
+        _unet_training_steps(unet_in, inside, 3, in_backward=True)
+    assert not any(torch.equal(p, q) for p, q in zip(after, before, strict=True))  # every tensor was trained
+    for p, q in zip(after, inside, strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+    assert all(p.grad is None for p in inside)
+    # the hooks are gone after the block: a further backward only accumulates gradients
+    frozen = [p.detach().clone() for p in inside]
+    unet_in(torch.randn(1, 4, 8, 8), 500, torch.randn(1, 77, 32)).sample.square().mean().backward()
+    assert all(torch.equal(p, q) for p, q in zip(inside, frozen, strict=True))
+    assert all(p.grad is not None for p in inside)
+
+
+def test_adam_steps_in_backward_never_hold_all_gradients():
+    """When a tensor's gradient arrives, every tensor stepped before it has already dropped its gradient."""
+    pipe = tiny_pipeline("sd1")
+    parameters = list(select_unet_parameters(pipe.unet, "xattn").values())
+    held = []
+    for parameter in parameters:  # registered first, so it runs before the step that drops the gradient
+        parameter.register_post_accumulate_grad_hook(
+            lambda _: held.append(sum(p.grad is not None for p in parameters))
+        )
+    _unet_training_steps(pipe.unet, parameters, 1, in_backward=True)
+    assert len(held) == len(parameters) > 1
+    assert max(held) == 1
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
