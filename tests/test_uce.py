@@ -203,9 +203,38 @@ def test_uce_all_tokens_maps_end_of_text_too(pipe):
         assert (w @ embeds[0, 4] - w0 @ embeds[1, 0]).norm() < 1e-3 * (w0 @ embeds[1, 0]).norm()
 
 
+def test_uce_preserve_tokens_all_holds_every_word_of_the_preserve_prompts(pipe):
+    """``preserve_tokens="all"``: last-token erase rows, and a preserve row for every token after the start."""
+    erase, preserve = ["pip", "a picture of pip"], ["zog", "a red circle"]
+    config = {"preserve_scale": 0.7, "lamb": 0.4}
+    request = request_from_prompts(erase, preserve=preserve)
+    edit = get_method("uce", preserve_tokens="all", **config).apply(pipe, request)
+    assert edit.config["method_config"]["preserve_tokens"] == "all"
+    assert edit.config["stats"]["preserve_rows"] == sum(len(pipe.tokenizer(p).input_ids) - 1 for p in preserve)
+    c_erase = torch.stack([last_token_embedding(pipe, p) for p in erase])
+    c_anchor = last_token_embedding(pipe, "")
+    embeds = encode_prompts(pipe, preserve).prompt_embeds.double()
+    c_preserve = torch.cat(
+        [embeds[i, 1 : len(pipe.tokenizer(p).input_ids)] for i, p in enumerate(preserve)]
+    )  # "a", "red", "circle", end-of-text ...
+    for key in kv_keys(edit):
+        w0 = pipeline_tensor(pipe, key).detach().double()
+        w = w0 + edit.deltas[key].double()
+        erase_term = (c_erase @ w.T - c_anchor @ w0.T).T @ c_erase
+        preserve_term = config["preserve_scale"] * (c_preserve @ (w - w0).T).T @ c_preserve
+        ridge_term = config["lamb"] * (w - w0)
+        assert (erase_term + preserve_term + ridge_term).norm() < 1e-4 * ridge_term.norm(), key
+    # the official default keeps one row per preserve prompt
+    assert get_method("uce").apply(pipe, request).config["stats"]["preserve_rows"] == len(preserve)
+
+
 def test_uce_config_is_validated():
     with pytest.raises(ValueError, match="tokens must be"):
         UCEConfig(tokens="every")
+    with pytest.raises(ValueError, match="preserve_tokens must be"):
+        UCEConfig(preserve_tokens="first")
+    assert UCEConfig().preserve_tokens == "last"
+    assert UCEConfig(tokens="all_tokens").preserve_tokens == "all"
     with pytest.raises(ValueError, match="lamb must be"):
         UCEConfig(lamb=-1)
     with pytest.raises(ValueError, match="no option"):

@@ -19,6 +19,11 @@ Which token embeddings become the ``c_i``:
   end-of-text token, mapped to the anchor's end-of-text token (it carries the whole prompt through causal
   attention). Preserve prompts use all their tokens after the start token.
 
+``preserve_tokens`` can pick the preserve rows apart from the erase rows (default: as ``tokens``). With the last
+token only, nothing holds the other words of a prompt in place: on the toy world, erasing Pip (``last_subject``)
+moves the keys/values of "a picture of" in every prompt by 55-70% of their norm, and ``preserve_tokens = "all"``
+keeps them within 5% (see the README's measurements for what that does to images).
+
 Paired anchors (``Concept.anchor`` as a list, one per erase prompt) give each erase prompt's rows its own anchor.
 The text encoder is causal, so a concept token's embedding depends only on the words before it: erase prompts that
 share the words up to the concept ("a striped red circle", "a striped blue square") give one and the same ``c_i``,
@@ -49,6 +54,7 @@ from erasure.pipeline import encode_prompts
 logger = logging.getLogger(__name__)
 
 TOKEN_MODES = ("last_subject", "all_tokens")
+PRESERVE_TOKEN_MODES = ("last", "all")
 #: Prompts per text-encoder call (bounds the activations of large preserve sets).
 ENCODE_CHUNK = 128
 
@@ -64,10 +70,23 @@ class UCEConfig(MethodConfig):
         default="last_subject",
         metadata={"help": "token embeddings edited: last_subject (official) or all_tokens (concept tokens + EOS)"},
     )
+    preserve_tokens: str | None = field(
+        default=None,
+        metadata={
+            "help": "preserve rows: last (each preserve prompt's last token) or all (every token after the start); "
+            "default: last for last_subject, all for all_tokens"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.tokens not in TOKEN_MODES:
             raise ValueError(f"tokens must be one of {', '.join(TOKEN_MODES)}, got {self.tokens!r}.")
+        if self.preserve_tokens is None:
+            self.preserve_tokens = "last" if self.tokens == "last_subject" else "all"
+        if self.preserve_tokens not in PRESERVE_TOKEN_MODES:
+            raise ValueError(
+                f"preserve_tokens must be one of {', '.join(PRESERVE_TOKEN_MODES)}, got {self.preserve_tokens!r}."
+            )
         for name in ("erase_scale", "preserve_scale", "lamb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
@@ -150,7 +169,7 @@ class UCE(EraseMethod):
 
     def _preserve_rows(self, tokenizer: Any, prompt: str, embedding: Tensor) -> list[Tensor]:
         last, end = _positions(tokenizer, prompt)
-        if self.config.tokens == "last_subject":
+        if self.config.preserve_tokens == "last":
             return [embedding[last]]
         return [embedding[position] for position in range(1, end + 1)]
 
