@@ -181,6 +181,18 @@ def test_adam_steps_in_backward_make_the_same_update_as_one_adam(checkpointing):
     assert all(p.grad is not None for p in inside)
 
 
+def test_adam_steps_in_backward_ignore_gradients_left_from_before():
+    pipe = tiny_pipeline("sd1")
+    clean, stale = pipe.unet, copy.deepcopy(pipe.unet)
+    clean_parameters = list(select_unet_parameters(clean, "xattn").values())
+    stale_parameters = list(select_unet_parameters(stale, "xattn").values())
+    for parameter in stale_parameters:
+        parameter.grad = torch.ones_like(parameter)
+    _unet_training_steps(clean, clean_parameters, 1, in_backward=True)
+    _unet_training_steps(stale, stale_parameters, 1, in_backward=True)
+    assert all(torch.equal(p, q) for p, q in zip(clean_parameters, stale_parameters, strict=True))
+
+
 def test_adam_steps_in_backward_never_hold_all_gradients():
     """When a tensor's gradient arrives, every tensor stepped before it has already dropped its gradient."""
     pipe = tiny_pipeline("sd1")

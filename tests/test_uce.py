@@ -235,6 +235,9 @@ def test_uce_config_is_validated():
         UCEConfig(preserve_tokens="first")
     assert UCEConfig().preserve_tokens == "last"
     assert UCEConfig(tokens="all_tokens").preserve_tokens == "all"
+    assert UCEConfig(tokens="all_tokens", preserve_tokens="last").preserve_tokens == "last"
+    # configs written before preserve_tokens existed replay as they were made
+    assert UCEConfig.from_dict({"tokens": "last_subject", "lamb": 0.5}).preserve_tokens == "last"
     with pytest.raises(ValueError, match="lamb must be"):
         UCEConfig(lamb=-1)
     with pytest.raises(ValueError, match="no option"):

@@ -22,7 +22,7 @@ Which token embeddings become the ``c_i``:
 ``preserve_tokens`` can pick the preserve rows apart from the erase rows (default: as ``tokens``). With the last
 token only, nothing holds the other words of a prompt in place: on the toy world, erasing Pip (``last_subject``)
 moves the keys/values of "a picture of" in every prompt by 55-70% of their norm, and ``preserve_tokens = "all"``
-keeps them within 5% (see the README's measurements for what that does to images).
+keeps them within 5% (``scripts/token_drift.py``; the README's measurements show what that does to images).
 
 Paired anchors (``Concept.anchor`` as a list, one per erase prompt) give each erase prompt's rows its own anchor.
 The text encoder is causal, so a concept token's embedding depends only on the words before it: erase prompts that
