@@ -4,7 +4,10 @@ The environment is set before torch or any Hugging Face library is imported, bec
 only once, at import time.
 """
 
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
 for _flag in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_flag] = "1"
@@ -19,6 +22,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(filename: str, module_name: str | None = None) -> ModuleType:
+    """``scripts/<filename>`` as a module (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(module_name or Path(filename).stem, SCRIPTS / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,17 +1,12 @@
 """Smoke test of scripts/bench_methods.py on the tiny test pipelines (in one process, a few seconds)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_methods.py"
+from conftest import load_script
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("bench_methods", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_methods.py")
 
 
 def test_tiny_benchmark_counts_forwards_and_memory(tmp_path, capsys):

@@ -1,9 +1,9 @@
 """The pure parts of scripts/measure_toyworld_erasure.py: what each prompt asks for, and the rates."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 from erasure.concepts import load_concepts
 
@@ -13,10 +13,7 @@ PROMPTS = SCRIPT.parents[1] / "prompts" / "toyworld"
 
 @pytest.fixture(scope="module")
 def measure():
-    spec = importlib.util.spec_from_file_location("measure_toyworld_erasure", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("measure_toyworld_erasure.py")
 
 
 def test_prompt_expectations(measure):

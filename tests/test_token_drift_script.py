@@ -1,10 +1,8 @@
 """scripts/token_drift.py: the per-token change of cross-attention keys/values that an edit makes."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_script
 
 from erasure.concepts import request_from_prompts
 from erasure.edit import Edit, pipeline_tensor
@@ -12,15 +10,10 @@ from erasure.methods import get_method
 from erasure.pipeline import encode_prompts
 from erasure.testing import tiny_pipeline
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "token_drift.py"
-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("token_drift", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("token_drift.py")
 
 
 def test_drift_is_the_relative_key_value_change_averaged_over_the_edit(script):

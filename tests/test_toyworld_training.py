@@ -5,7 +5,6 @@ encoder configs are shrunk (module-wide) so the whole file stays fast on a CPU. 
 the stock loaders only: ``diffusers.StableDiffusionPipeline.from_pretrained`` and open_clip's ``local-dir:``.
 """
 
-import importlib.util
 import json
 import math
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from erasure.toyworld import models, train
 from erasure.toyworld.models import ORACLE_HEADS
@@ -48,10 +48,7 @@ def tiny_configs():
 @pytest.fixture(scope="module")
 def script():
     """``scripts/train_toyworld.py`` as a module (scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location("train_toyworld_script", ROOT / "scripts" / "train_toyworld.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_toyworld.py", "train_toyworld_script")
 
 
 @pytest.fixture(scope="module")
