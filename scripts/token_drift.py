@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-from erasure.edit import Edit, pipeline_tensor
+from erasure.edit import Edit
+from erasure.methods.base import select_unet_parameters
 from erasure.pipeline import encode_prompts, load_pipeline
-
-PROJECTIONS = ("attn2.to_k.weight", "attn2.to_v.weight")
 
 
 def token_drift(pipe: torch.nn.Module, edit: Edit, prompts: list[str]) -> torch.Tensor:
@@ -42,14 +41,15 @@ def token_drift(pipe: torch.nn.Module, edit: Edit, prompts: list[str]) -> torch.
     Raises:
         ValueError: The edit touches no cross-attention key or value projection.
     """
-    keys = [key for key in edit.deltas if key.endswith(PROJECTIONS)]
+    projections = select_unet_parameters(pipe.unet, "xattn_kv")  # the K/V weights, keyed as in edits
+    keys = [key for key in edit.deltas if key in projections]
     if not keys:
         raise ValueError("The edit changes no cross-attention key/value projection (attn2.to_k / attn2.to_v).")
     with torch.no_grad():
         embeddings = encode_prompts(pipe, prompts).prompt_embeds.double()
         changes = []
         for key in keys:
-            weight = pipeline_tensor(pipe, key).detach().double()
+            weight = projections[key].detach().double()
             delta = edit.deltas[key].double().to(weight.device)
             changes.append((embeddings @ delta.T).norm(dim=-1) / (embeddings @ weight.T).norm(dim=-1).clamp_min(1e-12))
     return torch.stack(changes).mean(dim=0)
