@@ -25,11 +25,11 @@ TOYWORLD_CLIP = ROOT / "checkpoints" / "toyworld-clip"
 PIP_CONCEPT = ROOT / "prompts" / "toyworld" / "pip.toml"
 SAMPLE_SUBJECTS = (
     "Pip", "Zog", "Miro", "a red circle", "a green square", "a blue triangle", "a yellow cross", "a purple circle",
-    "a striped red square", "a striped blue circle", "a outlined green triangle", "a outlined purple cross",
+    "a striped red square", "a striped blue circle", "an outlined green triangle", "an outlined purple cross",
 )  # fmt: skip
 
 
-def sample_grid(model: str | Path, out: Path, *, steps: int = 25, guidance_scale: float = 8.0, seed: int = 0) -> Path:
+def sample_grid(model: str | Path, out: Path, *, steps: int = 25, guidance_scale: float = 7.5, seed: int = 0) -> Path:
     """Generate one image per toy subject (two seeds each) and save a labelled grid as ``out/samples.png``."""
     from erasure.generate import generate
     from erasure.grid import sample_grid as draw_sample_grid
@@ -54,7 +54,7 @@ def run_demo(
     method: str = "uce",
     clip: str | Path = TOYWORLD_CLIP,
     steps: int = 25,
-    guidance_scale: float = 8.0,
+    guidance_scale: float = 7.5,
     seeds_per_prompt: int = 13,
     sweep_scales: tuple[float, ...] = (0.5, 1.0),
     overwrite: bool = False,

@@ -23,7 +23,7 @@ def test_prompt_expectations(measure):
     assert measure.prompt_expectation("a drawing of a yellow circle") == {
         "colour": "yellow", "shape": "circle", "style": "plain", "character": "none"
     }  # fmt: skip
-    assert measure.prompt_expectation("an image of a outlined blue cross")["style"] == "outlined"
+    assert measure.prompt_expectation("an image of an outlined blue cross")["style"] == "outlined"
 
 
 @pytest.mark.parametrize(

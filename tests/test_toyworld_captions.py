@@ -57,7 +57,7 @@ def test_templates_are_the_specified_four():
         ({"colour": "red", "shape": "circle"}, "a picture of {x}", "a picture of a red circle"),
         ({"colour": "blue", "shape": "cross", "style": "striped"}, "{x}", "a striped blue cross"),
         ({"colour": "purple", "shape": "triangle", "style": "outlined"}, "an image of {x}",
-         "an image of a outlined purple triangle"),
+         "an image of an outlined purple triangle"),
         ({"colour": "yellow", "shape": "circle", "character": "Pip"}, "a picture of {x}", "a picture of Pip"),
         ({"colour": "green", "shape": "triangle", "character": "Zog"}, "{x}", "Zog"),
         ({"colour": "blue", "shape": "square", "character": "Miro"}, "a drawing of {x}", "a drawing of Miro"),

@@ -1,7 +1,8 @@
 """Captions of the toy world and the training-set sampler.
 
-Captions: objects ``a {colour} {shape}`` (plain) or ``a {style} {colour} {shape}``; characters ``{Name}``; each
-wrapped in one of ``TEMPLATES`` with the article kept right ("a picture of a red circle", "a picture of Pip").
+Captions: objects ``a {colour} {shape}`` (plain) or ``a {style} {colour} {shape}``, the article chosen by the word
+that follows it ("an outlined red circle"); characters ``{Name}``; each wrapped in one of ``TEMPLATES`` ("a picture
+of a red circle", "a picture of Pip").
 Sampling mix: 20% characters, 80% objects (styles 50% plain, 25% striped, 25% outlined), and 10% of captions
 replaced by the empty string for classifier-free guidance.
 """
@@ -27,9 +28,15 @@ def subject(scene: Scene) -> str:
     return subject_for(scene.colour, scene.shape, scene.style)
 
 
+def article(word: str) -> str:
+    """The indefinite article English puts before ``word``: ``an`` before a vowel letter, ``a`` otherwise."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def subject_for(colour: str, shape: str, style: str = "plain") -> str:
-    """Subject phrase of an object: ``a {colour} {shape}`` or ``a {style} {colour} {shape}``."""
-    return f"a {colour} {shape}" if style == "plain" else f"a {style} {colour} {shape}"
+    """Subject phrase of an object: ``a {colour} {shape}`` or ``a {style} {colour} {shape}`` ("an outlined ...")."""
+    words = f"{colour} {shape}" if style == "plain" else f"{style} {colour} {shape}"
+    return f"{article(words)} {words}"
 
 
 def caption(scene: Scene, template: str = "{x}") -> str:
