@@ -27,7 +27,7 @@ from torch import Tensor
 
 from erasure.pipeline import Conditioning, default_image_size, predict_noise, unconditional_conditioning
 
-__all__ = ["ddim_scheduler", "forward_noise", "images_to_latents", "initial_noise", "partial_ddim"]
+__all__ = ["ddim_scheduler", "ddim_trajectory", "forward_noise", "images_to_latents", "initial_noise", "partial_ddim"]
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -88,6 +88,66 @@ def initial_noise(
 
 
 @torch.no_grad()
+def ddim_trajectory(
+    pipe: DiffusionPipeline,
+    conditioning: Conditioning,
+    until_step: int,
+    total_steps: int = 50,
+    guidance: float = 3.0,
+    generator: Generators = None,
+    *,
+    unconditional: Conditioning | None = None,
+    latents: Tensor | None = None,
+    batch_size: int | None = None,
+    size: int | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """Every state of a guided DDIM run: ``[(x_{tau_0}, tau_0), (x_{tau_1}, tau_1), ..., (x_{tau_k}, tau_k)]``.
+
+    The same run as :func:`partial_ddim` (same arguments, same arithmetic), keeping each intermediate latent: the
+    ``j``-th entry is exactly what ``partial_ddim(..., until_step=j)`` returns for the same initial noise. Each
+    entry is a valid ``x_t`` of its own timestep, so one trajectory serves ``k + 1`` training steps where
+    :func:`partial_ddim` serves one (ESD's ``cached`` sampler).
+
+    Args:
+        pipe: A Stable Diffusion (1.x, 2.x) or SDXL pipeline.
+        conditioning: ``B`` prompts, or 1 prompt for every latent.
+        until_step: Last state kept, ``0 <= until_step < total_steps`` (``total_steps - 1``: the whole run but the
+            final step to ``x_0``).
+        total_steps: Length of the DDIM schedule.
+        guidance: CFG scale; 1 uses the conditional prediction alone (one forward per step).
+        generator: Seeds the initial noise (one generator, or one per latent). Ignored if ``latents`` is given.
+        unconditional: The unconditional conditioning; the pipeline's default when not given (computed once).
+        latents: Initial noise ``x_{tau_0}``; drawn with :func:`initial_noise` when not given.
+        batch_size: Number of latents when ``latents`` is not given; ``len(conditioning)`` by default.
+        size: Image side in pixels (latents are ``size / vae_scale_factor``); the native size by default.
+
+    Returns:
+        ``until_step + 1`` pairs of ``[B, C, h, w]`` latents and the 0-d ``long`` timestep they sit at.
+
+    Raises:
+        ValueError: If ``until_step`` is outside ``[0, total_steps)``.
+    """
+    if not 0 <= int(until_step) < int(total_steps):
+        raise ValueError(f"until_step must be in [0, {total_steps}), got {until_step}.")
+    scheduler = ddim_scheduler(pipe, total_steps)
+    if latents is None:
+        latents = initial_noise(pipe, batch_size or len(conditioning), size, generator)
+    latents = latents.to(pipe.unet.device, pipe.unet.dtype) * scheduler.init_noise_sigma
+    use_cfg = float(guidance) != 1.0
+    if use_cfg and unconditional is None:
+        unconditional = unconditional_conditioning(pipe)
+    states = [(latents, scheduler.timesteps[0].long())]
+    for k, t in enumerate(scheduler.timesteps[: int(until_step)]):
+        model_input = scheduler.scale_model_input(latents, t)
+        output = predict_noise(
+            pipe, model_input, t, conditioning, guidance if use_cfg else None, unconditional if use_cfg else None
+        )
+        latents = scheduler.step(output, t, latents, eta=0.0, return_dict=False)[0]
+        states.append((latents, scheduler.timesteps[k + 1].long()))
+    return states
+
+
+@torch.no_grad()
 def partial_ddim(
     pipe: DiffusionPipeline,
     conditioning: Conditioning,
@@ -127,22 +187,11 @@ def partial_ddim(
     Raises:
         ValueError: If ``until_step`` is outside ``[0, total_steps)``.
     """
-    if not 0 <= int(until_step) < int(total_steps):
-        raise ValueError(f"until_step must be in [0, {total_steps}), got {until_step}.")
-    scheduler = ddim_scheduler(pipe, total_steps)
-    if latents is None:
-        latents = initial_noise(pipe, batch_size or len(conditioning), size, generator)
-    latents = latents.to(pipe.unet.device, pipe.unet.dtype) * scheduler.init_noise_sigma
-    use_cfg = float(guidance) != 1.0
-    if use_cfg and unconditional is None:
-        unconditional = unconditional_conditioning(pipe)
-    for t in scheduler.timesteps[: int(until_step)]:
-        model_input = scheduler.scale_model_input(latents, t)
-        output = predict_noise(
-            pipe, model_input, t, conditioning, guidance if use_cfg else None, unconditional if use_cfg else None
-        )
-        latents = scheduler.step(output, t, latents, eta=0.0, return_dict=False)[0]
-    return latents, scheduler.timesteps[int(until_step)].long()
+    states = ddim_trajectory(
+        pipe, conditioning, until_step, total_steps, guidance, generator,
+        unconditional=unconditional, latents=latents, batch_size=batch_size, size=size,
+    )  # fmt: skip
+    return states[-1]
 
 
 def forward_noise(

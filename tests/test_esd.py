@@ -69,7 +69,7 @@ def test_presets_fill_only_unset_fields():
     paper = ESDConfig()
     assert (paper.iterations, paper.lr, paper.eta, paper.sampler) == (1000, 1e-5, 1.0, "edited")
     newer = ESDConfig(preset="diffusers", iterations=7, lr="1e-4")
-    assert (newer.iterations, newer.lr, newer.eta, newer.sampler) == (7, 1e-4, 2.0, "frozen")
+    assert (newer.iterations, newer.lr, newer.eta, newer.sampler) == (7, 1e-4, 1.0, "frozen")
     assert isinstance(newer.lr, float)
     assert ESDConfig.from_dict(newer.to_dict()) == newer
     for bad in ({"preset": "x"}, {"sampler": "x"}, {"parameters": "text_encoder"}, {"eta": 0}, {"lr": -1.0}):
@@ -205,6 +205,42 @@ def test_adam_steps_in_backward_never_hold_all_gradients():
     _unet_training_steps(pipe.unet, parameters, 1, in_backward=True)
     assert len(held) == len(parameters) > 1
     assert max(held) == 1
+
+
+def test_cached_sampler_trains_on_frozen_states_and_counts_its_work(monkeypatch):
+    """The cached sampler makes its states once with the original weights; each iteration is one forward more."""
+    pipe = tiny_pipeline("sd1")
+    reference = copy.deepcopy(pipe)
+    calls = {"grad": 0, "frozen_rows": 0, "frozen_ok": []}
+
+    def counting(p, latents, t, cond, *args, **kwargs):
+        out = predict_noise(p, latents, t, cond, *args, **kwargs)
+        if torch.is_grad_enabled():
+            calls["grad"] += 1
+        else:
+            calls["frozen_rows"] += latents.shape[0] * (2 if args and args[0] is not None else 1)
+            with torch.no_grad():
+                expected = predict_noise(reference, latents, t, cond, *args, **kwargs)
+            calls["frozen_ok"].append(torch.equal(out, expected))
+        return out
+
+    monkeypatch.setattr(esd_module, "predict_noise", counting)
+    monkeypatch.setattr(sampling_module, "predict_noise", counting)
+    config = FAST | {"iterations": 6, "ddim_steps": 3, "lr": 1e-2, "preset": "fast", "trajectories": 2, "seed": 4}
+    edit = get_method("esd-x", **config).apply(pipe, PIP, progress=False)
+    assert edit.deltas and edit.config["stats"]["cached_states"] == 2 * 3
+    assert calls["grad"] == 6, "one trained forward per iteration"
+    # 2 DDIM steps of 2 trajectories with CFG (2 rows each) + 3 states x 2 trajectories x (concept, anchor)
+    assert calls["frozen_rows"] == 2 * 2 * 2 + 3 * 2 * 2
+    assert all(calls["frozen_ok"]), "every frozen prediction came from the original weights"
+
+
+def test_fast_preset_is_diffusers_with_the_cached_sampler():
+    fast, newer = ESDConfig(preset="fast"), ESDConfig(preset="diffusers")
+    assert (fast.iterations, fast.lr, fast.eta) == (newer.iterations, newer.lr, newer.eta)
+    assert fast.sampler == "cached" and newer.sampler == "frozen" and ESDConfig().sampler == "edited"
+    with pytest.raises(ValueError, match="trajectories"):
+        ESDConfig(preset="fast", trajectories=0)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])

@@ -4,7 +4,14 @@ import torch
 from PIL import Image
 
 from erasure.pipeline import ModelFamily, detect_family, encode_prompts
-from erasure.sampling import ddim_scheduler, forward_noise, images_to_latents, initial_noise, partial_ddim
+from erasure.sampling import (
+    ddim_scheduler,
+    ddim_trajectory,
+    forward_noise,
+    images_to_latents,
+    initial_noise,
+    partial_ddim,
+)
 
 SIZE = 16  # 8x8 latents with the tiny VAE (downscaling 2)
 
@@ -20,6 +27,23 @@ def test_partial_ddim_is_seeded_and_gradient_free(tiny_pipe):
     assert torch.equal(x_a, x_b) and int(t_a) == int(t_b)
     assert not torch.allclose(x_a, x_c)
     assert int(t_a) == int(ddim_scheduler(tiny_pipe, 5).timesteps[2])
+
+
+def test_every_state_of_a_trajectory_is_what_partial_ddim_returns_for_that_step(tiny_pipe):
+    """One trajectory serves every step: state k equals a fresh partial run to step k from the same noise."""
+    cond = encode_prompts(tiny_pipe, ["a picture of pip", "zog"])
+    noise = initial_noise(tiny_pipe, 2, SIZE, torch.Generator().manual_seed(5))
+    states = ddim_trajectory(tiny_pipe, cond, 5, 6, 3.0, latents=noise)
+    timesteps = ddim_scheduler(tiny_pipe, 6).timesteps
+    assert len(states) == 6 and [int(t) for _, t in states] == [int(t) for t in timesteps]
+    for k, (latents, t) in enumerate(states):
+        expected, expected_t = partial_ddim(tiny_pipe, cond, k, 6, 3.0, latents=noise)
+        assert torch.equal(latents, expected) and int(t) == int(expected_t), k
+    # seeded through the generator exactly as partial_ddim is
+    seeded = ddim_trajectory(tiny_pipe, cond, 3, 6, 3.0, torch.Generator().manual_seed(9))
+    assert torch.equal(seeded[3][0], partial_ddim(tiny_pipe, cond, 3, 6, 3.0, torch.Generator().manual_seed(9))[0])
+    with pytest.raises(ValueError, match="until_step"):
+        ddim_trajectory(tiny_pipe, cond, 6, 6)
 
 
 def test_partial_ddim_step_zero_is_the_initial_noise(tiny_pipe):

@@ -23,13 +23,25 @@ Where ``x_t`` comes from (``sampler``):
   concept fades, its trajectories drift off the concept, so training follows what the edited model would generate.
 * ``frozen``: the original model, as the newer diffusers script (``esd_sd.py``) does. ``x_t`` always shows the
   concept, so every iteration trains on exactly the states where the concept would appear.
+* ``cached``: the ``frozen`` distribution at a fraction of its cost. Neither the frozen model's trajectories nor its
+  predictions change during training, so ``trajectories`` guided DDIM runs of the frozen model (erase prompts drawn
+  as above, fresh noise each) are made once, every one of their ``ddim_steps`` states ``(x_{tau_k}, tau_k)`` is kept
+  (:func:`erasure.sampling.ddim_trajectory`; state ``k`` is exactly ``partial_ddim``'s ``x_t`` for step ``k`` and
+  the same noise), and the right-hand side of Eq. 7 is computed once per state. Each iteration then draws a
+  state uniformly -- the same law as ``frozen``'s uniform ``k`` over fresh trajectories, from a finite sample of
+  them -- and costs one forward and one backward of the trained model. UNet work: ``4 * trajectories *
+  ddim_steps`` batch rows once (CFG trajectory and the two frozen predictions), plus ``batch_size`` per iteration,
+  against ``frozen``'s ``~ddim_steps + 3`` rows per iteration.
 
 Presets (``preset``), filled into any of ``iterations``, ``lr``, ``eta``, ``sampler`` left unset:
 
 * ``paper`` (default): 1000 iterations, Adam lr 1e-5, eta 1, ``edited`` trajectories -- the settings behind the
   paper's reported results, so an ESD number from this library means the paper's ESD.
-* ``diffusers``: 200 iterations, lr 5e-5, eta 2, ``frozen`` trajectories -- the authors' newer script, about 5x
-  cheaper.
+* ``fast``: ``diffusers``' settings with the ``cached`` sampler: 8 trajectories of 25 DDIM steps.
+* ``diffusers``: 200 iterations, lr 5e-5, eta 1, ``frozen`` trajectories -- the authors' newer script
+  (``esd_sd.py``), about 5x cheaper. That script writes the target as ``eps*(x_t, c) - g * (eps*(x_t, c) -
+  eps*(x_t))`` with ``negative_guidance`` ``g = 2``; with the unconditional anchor this is
+  ``eps*(x_t) - (g - 1) * (eps*(x_t, c) - eps*(x_t))``, i.e. Eq. 7 with ``eta = g - 1 = 1``.
 
 Variants, by the parameters trained (registered names): ``esd-x`` cross-attention (``xattn``), ``esd-u`` everything
 but cross-attention (``noxattn``), ``esd-x-strict`` cross-attention keys and values (``xattn_kv``), ``esd-all`` the
@@ -69,7 +81,7 @@ from erasure.concepts import EraseRequest
 from erasure.methods import register
 from erasure.methods.base import EraseMethod, MethodConfig, NonFiniteEditError, select_unet_parameters
 from erasure.pipeline import Conditioning, encode_prompts, predict_noise, unconditional_conditioning
-from erasure.sampling import partial_ddim
+from erasure.sampling import ddim_trajectory, partial_ddim
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +97,12 @@ __all__ = [
 
 #: Preset name -> values of the fields left unset (see the module docstring).
 ESD_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"iterations": 1000, "lr": 1e-5, "eta": 1.0, "sampler": "edited"},
-    "diffusers": {"iterations": 200, "lr": 5e-5, "eta": 2.0, "sampler": "frozen"},
+    "paper": {"iterations": 1000, "lr": 1e-5, "eta": 1.0, "sampler": "edited", "ddim_steps": 50},
+    "diffusers": {"iterations": 200, "lr": 5e-5, "eta": 1.0, "sampler": "frozen", "ddim_steps": 50},
+    "fast": {"iterations": 200, "lr": 5e-5, "eta": 1.0, "sampler": "cached", "ddim_steps": 25},
 }
 PARAMETER_CHOICES = ("xattn", "noxattn", "xattn_kv", "unet")
-SAMPLERS = ("edited", "frozen")
+SAMPLERS = ("edited", "frozen", "cached")
 ANCHOR_MODES = ("concept", "unconditional")
 
 
@@ -103,19 +116,34 @@ class ESDConfig(MethodConfig):
     )
     preset: str = field(
         default="paper",
-        metadata={"help": "defaults: paper (1000 it, lr 1e-5, eta 1, edited) or diffusers (200, 5e-5, 2, frozen)"},
+        metadata={
+            "help": "defaults: paper (1000 it, lr 1e-5, eta 1, edited), diffusers (200, 5e-5, 1, frozen) or fast "
+            "(diffusers' settings, cached trajectories)"
+        },
     )
     iterations: int | None = field(default=None, metadata={"help": "training iterations (default: from preset)"})
     lr: float | None = field(default=None, metadata={"help": "Adam learning rate (default: from preset)"})
     eta: float | None = field(
-        default=None, metadata={"help": "negative guidance strength eta of Eq. 7 (default: from preset)"}
+        default=None,
+        metadata={
+            "help": "negative guidance strength eta of Eq. 7 (default: from preset); esd_sd.py's "
+            "--negative_guidance g is eta = g - 1"
+        },
     )
     sampler: str | None = field(
         default=None,
-        metadata={"help": "model that makes x_t: edited (paper script) or frozen (newer script); default: preset"},
+        metadata={
+            "help": "model that makes x_t: edited (paper script), frozen (newer script) or cached (frozen "
+            "trajectories made once, every state reused); default: preset"
+        },
     )
     guidance: float = field(default=3.0, metadata={"help": "CFG scale of the partial DDIM trajectory making x_t"})
-    ddim_steps: int = field(default=50, metadata={"help": "DDIM schedule length; x_t is at a random step of it"})
+    ddim_steps: int | None = field(
+        default=None, metadata={"help": "DDIM schedule length; x_t is at a random step of it (default: preset)"}
+    )
+    trajectories: int = field(
+        default=8, metadata={"help": "cached sampler: frozen-model DDIM runs made once and reused"}
+    )
     anchor: str = field(
         default="concept",
         metadata={
@@ -136,6 +164,7 @@ class ESDConfig(MethodConfig):
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self.iterations = int(self.iterations)
+        self.ddim_steps = int(self.ddim_steps)
         self.lr = float(self.lr)  # "1e-5" parsed as text or an int must still be a float
         self.eta = float(self.eta)
         self.guidance = float(self.guidance)
@@ -159,6 +188,8 @@ class ESDConfig(MethodConfig):
             raise ValueError(f"guidance must be >= 0, got {self.guidance}.")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.trajectories < 1:
+            raise ValueError(f"trajectories must be >= 1, got {self.trajectories}.")
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"resolution must be at least 8 pixels, got {self.resolution}.")
 
@@ -306,6 +337,69 @@ class ESD(EraseMethod):
         anchor_cond = Conditioning.cat(rows)
         return prompts, concept_cond, anchor_cond, unconditional
 
+    def _fresh_state(
+        self,
+        pipe: DiffusionPipeline,
+        concept_cond: Conditioning,
+        anchor_cond: Conditioning,
+        unconditional: Conditioning,
+        generator: torch.Generator,
+        trained: list[torch.nn.Parameter],
+        frozen_values: list[Tensor],
+    ) -> tuple[Tensor, Tensor, Conditioning, Tensor]:
+        """One iteration's ``(x_t, t, c, target)`` from a new partial trajectory (``edited`` / ``frozen``)."""
+        config = self.config
+        rows = torch.randint(len(concept_cond), (config.batch_size,), generator=generator)
+        step = int(torch.randint(config.ddim_steps, (1,), generator=generator))
+        cond, anchor = concept_cond[rows], anchor_cond[rows]
+        with torch.no_grad(), contextlib.ExitStack() as frozen:
+            if config.sampler == "frozen":  # one swap covers the trajectory and the targets
+                frozen.enter_context(original_weights(trained, frozen_values))
+            x_t, t = partial_ddim(
+                pipe, cond, step, config.ddim_steps, config.guidance, generator,
+                unconditional=unconditional, size=config.resolution,
+            )  # fmt: skip
+            if config.sampler != "frozen":
+                frozen.enter_context(original_weights(trained, frozen_values))
+            # eps*(x_t, c, t) and eps*(x_t, a, t) of the original weights, in one batched forward
+            both = predict_noise(pipe, torch.cat([x_t, x_t]), t, Conditioning.cat([cond, anchor]))
+            out_concept, out_anchor = both.chunk(2)
+            target = esd_target(out_concept.float(), out_anchor.float(), config.eta)
+        return x_t, t, cond, target
+
+    @torch.no_grad()
+    def _frozen_state_bank(
+        self,
+        pipe: DiffusionPipeline,
+        prompts: list[str],
+        concept_cond: Conditioning,
+        anchor_cond: Conditioning,
+        unconditional: Conditioning,
+        generator: torch.Generator,
+    ) -> dict[str, Tensor]:
+        """The ``cached`` sampler's states: every ``(x_{tau_k}, tau_k)`` of ``trajectories`` frozen DDIM runs.
+
+        Returns ``x_t`` ``[N, C, h, w]``, ``t`` ``[N]``, ``rows`` ``[N]`` (the erase prompt of each state) and
+        ``target`` (Eq. 7's right-hand side of the frozen model) for ``N = trajectories * ddim_steps`` states.
+        """
+        config = self.config
+        rows = torch.randint(len(prompts), (config.trajectories,), generator=generator)
+        states = ddim_trajectory(
+            pipe, concept_cond[rows], config.ddim_steps - 1, config.ddim_steps, config.guidance, generator,
+            unconditional=unconditional, size=config.resolution,
+        )  # fmt: skip
+        x_t = torch.cat([latents for latents, _ in states])  # step-major: state k of every trajectory, k = 0, 1, ...
+        t = torch.cat([timestep.expand(config.trajectories) for _, timestep in states])
+        state_rows = rows.repeat(len(states))
+        targets = []
+        for k, (latents, timestep) in enumerate(states):  # one batched frozen forward per DDIM step
+            cond, anchor = concept_cond[rows], anchor_cond[rows]
+            both = predict_noise(pipe, torch.cat([latents, latents]), timestep, Conditioning.cat([cond, anchor]))
+            out_concept, out_anchor = both.chunk(2)
+            targets.append(esd_target(out_concept.float(), out_anchor.float(), config.eta))
+            logger.debug("ESD cached targets: step %d of %d", k + 1, len(states))
+        return {"x_t": x_t, "t": t, "rows": state_rows, "target": torch.cat(targets)}
+
     def _erase(
         self,
         pipe: DiffusionPipeline,
@@ -333,7 +427,9 @@ class ESD(EraseMethod):
             parameter.requires_grad_(True)
         prompts, concept_cond, anchor_cond, unconditional = self._conditionings(pipe, request)
         generator = torch.Generator().manual_seed(config.seed)
-        frozen_sampler = config.sampler == "frozen"
+        bank = None
+        if config.sampler == "cached":  # the parameters still hold the original weights: nothing to swap
+            bank = self._frozen_state_bank(pipe, prompts, concept_cond, anchor_cond, unconditional, generator)
         losses: list[float] = []
         # the training forward keeps activations for the backward; checkpointing keeps block inputs only. Adam
         # steps each tensor inside loss.backward(), as soon as its gradient is complete (same update, less memory)
@@ -343,41 +439,28 @@ class ESD(EraseMethod):
         ):
             bar = tqdm(range(config.iterations), desc=self.name, disable=not progress or None)
             for iteration in bar:
-                rows = torch.randint(len(prompts), (config.batch_size,), generator=generator)
-                step = int(torch.randint(config.ddim_steps, (1,), generator=generator))
-                cond, anchor = concept_cond[rows], anchor_cond[rows]
-                with torch.no_grad(), contextlib.ExitStack() as frozen:
-                    if frozen_sampler:  # one swap covers the trajectory and the targets
-                        frozen.enter_context(original_weights(trained, frozen_values))
-                    x_t, t = partial_ddim(
-                        pipe,
-                        cond,
-                        step,
-                        config.ddim_steps,
-                        config.guidance,
-                        generator,
-                        unconditional=unconditional,
-                        size=config.resolution,
+                if bank is not None:
+                    picks = torch.randint(len(bank["t"]), (config.batch_size,), generator=generator)
+                    x_t, t, target = bank["x_t"][picks], bank["t"][picks], bank["target"][picks]
+                    cond = concept_cond[bank["rows"][picks]]
+                else:
+                    x_t, t, cond, target = self._fresh_state(
+                        pipe, concept_cond, anchor_cond, unconditional, generator, trained, frozen_values
                     )
-                    if not frozen_sampler:
-                        frozen.enter_context(original_weights(trained, frozen_values))
-                    # eps*(x_t, c, t) and eps*(x_t, a, t) of the original weights, in one batched forward
-                    both = predict_noise(pipe, torch.cat([x_t, x_t]), t, Conditioning.cat([cond, anchor]))
-                    out_concept, out_anchor = both.chunk(2)
-                    target = esd_target(out_concept.float(), out_anchor.float(), config.eta)
                 prediction = predict_noise(pipe, x_t, t, cond)  # eps_theta(x_t, c, t), with gradients
                 loss = torch.nn.functional.mse_loss(prediction.float(), target)
                 if not torch.isfinite(loss):
                     raise NonFiniteEditError(
-                        f"ESD loss became {loss.item()} at iteration {iteration} (timestep {int(t)}); lower lr "
+                        f"ESD loss became {loss.item()} at iteration {iteration}; lower lr "
                         f"(now {config.lr:g}) or use float32. The pipeline was restored."
                     )
                 loss.backward()  # also the optimiser step: adam_steps_in_backward
                 losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.4g}", t=int(t))
+                bar.set_postfix(loss=f"{losses[-1]:.4g}")
         return {
             "iterations": config.iterations,
             "sampler": config.sampler,
+            **({"cached_states": len(bank["t"])} if bank is not None else {}),
             "eta": config.eta,
             "lr": config.lr,
             "prompts": prompts,
