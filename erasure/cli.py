@@ -22,7 +22,7 @@ TOYWORLD_SD = Path(__file__).resolve().parent.parent / "checkpoints" / "toyworld
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="the main job on the shipped toy-world checkpoint",
+        help=COMMAND_HELP["demo"],
         description="Erase Pip from the shipped toy-world checkpoint with UCE, then write a labelled sample grid, "
         "the edit, a base-vs-edited grid, the CLIP evaluation and an HTML report under --out.",
     )
@@ -31,7 +31,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--method", default="uce", help="erasure method (default: uce)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=8.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--seeds-per-prompt", type=int, default=13, help="seeds per held-out evaluation prompt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.set_defaults(handler=_run_demo)
@@ -64,7 +64,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     choices = "; ".join(f"{name} ({why})" for name, why in CLIP_CHOICES.items())
     parser = subparsers.add_parser(
         "evaluate",
-        help="score base and edited models on the same prompts and seeds",
+        help=COMMAND_HELP["evaluate"],
         description=(
             "Generate images from the base model and from each edit (same prompts, same seeds), or read a folder "
             "of images, and score them with CLIP: CLIP score, zero-shot efficacy/specificity/generality, paired "
@@ -301,7 +301,7 @@ def _add_erase(subparsers: argparse._SubParsersAction) -> None:
     parser = _one_line_errors(
         subparsers.add_parser(
             "erase",
-            help="erase concepts from a model with a method; saves the edit",
+            help=COMMAND_HELP["erase"],
             description="Erase concepts with a method and save the weight change (an edit) to --out. "
             "`erasure erase METHOD --help` lists the method's options.",
         )
@@ -402,7 +402,7 @@ def _run_erase(args: argparse.Namespace) -> int:
 def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="write an edit as a diffusers folder, a LoRA or a single-file checkpoint",
+        help=COMMAND_HELP["export"],
         description="Apply a saved edit to its base model and write the result in another format.",
     )
     parser.add_argument("run", type=Path, metavar="RUN", help="run folder holding the edit")
@@ -447,7 +447,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _add_list(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("list", help="list erasure methods with their options and defaults")
+    parser = subparsers.add_parser("list", help=COMMAND_HELP["list"])
     parser.set_defaults(handler=_run_list)
 
 
@@ -469,7 +469,7 @@ def _run_list(args: argparse.Namespace) -> int:
 def _add_grid(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "grid",
-        help="labelled image grid: base model against each edit, same prompt and seed per row",
+        help=COMMAND_HELP["grid"],
         description=(
             "Draw a comparison grid: one row per prompt (erased prompts first, then held-out paraphrases, then "
             "preserved neighbours), one column per model (base first, then each --edit), every image of a row from "
@@ -601,7 +601,7 @@ def _run_grid(args: argparse.Namespace) -> int:
 def _add_report(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "report",
-        help="one self-contained HTML page of evaluations: grids, metrics, provenance, strength sweeps",
+        help=COMMAND_HELP["report"],
         description=(
             "Write one HTML file (images inlined, no external assets) with, for each evaluation folder written by "
             "`erasure evaluate`: its comparison grid (DIR/grid.png, else drawn from the saved images), the metrics of "
@@ -626,11 +626,44 @@ def _run_report(args: argparse.Namespace) -> int:
 
 # --- command table ----------------------------------------------------------------------------------------------
 
-COMMANDS = [_add_demo, _add_erase, _add_evaluate, _add_export, _add_list, _add_grid, _add_report]
+COMMANDS = {
+    "demo": _add_demo,
+    "erase": _add_erase,
+    "evaluate": _add_evaluate,
+    "export": _add_export,
+    "list": _add_list,
+    "grid": _add_grid,
+    "report": _add_report,
+}
+#: One line per command for ``erasure --help`` (each ``_add_<command>`` uses the same text).
+COMMAND_HELP = {
+    "demo": "the main job on the shipped toy-world checkpoint",
+    "erase": "erase concepts from a model with a method; saves the edit",
+    "evaluate": "score base and edited models on the same prompts and seeds",
+    "export": "write an edit as a diffusers folder, a LoRA or a single-file checkpoint",
+    "list": "list erasure methods with their options and defaults",
+    "grid": "labelled image grid: base model against each edit, same prompt and seed per row",
+    "report": "one self-contained HTML page of evaluations: grids, metrics, provenance, strength sweeps",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``erasure`` argument parser with every command of ``COMMANDS``."""
+def requested_command(argv: list[str]) -> str | None:
+    """The command named on the command line (the first word that is not an option), or ``None``."""
+    for token in argv:
+        if token == "--":
+            return None
+        if not token.startswith("-"):
+            return token if token in COMMANDS else None
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``erasure`` argument parser.
+
+    Only the command that ``argv`` names is built in full; the others get a one-line entry, so ``erasure --help``
+    and a command that needs no model never import torch, diffusers, transformers or open_clip (building the
+    ``erase`` options reads every method's config, which imports the methods). ``argv=None`` builds every command.
+    """
     parser = argparse.ArgumentParser(
         prog="erasure",
         description="Concept erasure for text-to-image diffusion models: erase, evaluate, compare.",
@@ -639,15 +672,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"erasure {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for add in COMMANDS:
-        add(subparsers)
+    command = requested_command(argv) if argv is not None else None
+    for name, add in COMMANDS.items():
+        if argv is None or name == command:
+            add(subparsers)
+        else:
+            subparsers.add_parser(name, help=COMMAND_HELP[name])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``erasure`` command; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # Ctrl-C while the parser is built (method imports take seconds) is an interrupt like any other
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+    except KeyboardInterrupt:
+        print("interrupted before any work started; nothing was written", file=sys.stderr)
+        return 130
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not hasattr(args, "handler"):
         parser.print_help()
