@@ -243,7 +243,7 @@ def _field_type(field: object) -> type:
 
 _ERASE_FLAGS = {
     *("-h", "--help", "--model", "--concept", "--prompt", "--name", "--kind", "--anchor", "--preserve", "--images"),
-    *("--out", "--device", "--dtype", "--base-model-name", "--no-progress"),
+    *("--out", "--overwrite", "--device", "--dtype", "--base-model-name", "--no-progress"),
 }
 
 
@@ -327,6 +327,7 @@ def _add_erase(subparsers: argparse._SubParsersAction) -> None:
         what.add_argument("--preserve", nargs="+", action="extend", default=[], metavar="P", help="prompts to keep")
         sub.add_argument("--images", type=Path, help="folder of concept images (subfolders per concept name)")
         sub.add_argument("--out", type=Path, required=True, help="run folder to write the edit into")
+        sub.add_argument("--overwrite", action="store_true", help="replace an edit already in --out")
         sub.add_argument("--device", help="device (default: cuda if available, else cpu)")
         sub.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights")
         sub.add_argument("--base-model-name", help="name of the base model recorded in the edit (default: --model)")
@@ -374,6 +375,8 @@ def _run_erase(args: argparse.Namespace) -> int:
         not args.out.is_dir() or (any(args.out.iterdir()) and not (args.out / CONFIG_NAME).exists())
     ):
         raise FileExistsError(f"{args.out} exists and is not an edit folder; choose another --out")
+    if (args.out / CONFIG_NAME).is_file() and not args.overwrite:  # refused before any work starts
+        raise FileExistsError(f"{args.out} already holds an edit; choose another --out, or pass --overwrite")
     if args.concept:
         requests = [load_concepts(path) for path in args.concept]
         request = EraseRequest(tuple(c for r in requests for c in r.concepts))
@@ -390,7 +393,7 @@ def _run_erase(args: argparse.Namespace) -> int:
     edit = method.apply(
         pipe, request, images=images, progress=not args.no_progress, base_model=args.base_model_name or str(args.model)
     )
-    folder = edit.save(args.out)
+    folder = edit.save(args.out, overwrite=args.overwrite)
     names = ", ".join(c.name for c in request.concepts)
     print(f"erased {names} with {method.name}: {len(edit.deltas)} tensors changed; wrote {folder}")
     return 0

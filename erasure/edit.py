@@ -218,18 +218,24 @@ class Edit:
 
     # -- files -----------------------------------------------------------------------------------------------
 
-    def save(self, folder: str | Path) -> Path:
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write ``edit.safetensors`` and ``edit_config.json`` into ``folder``, atomically.
 
         Both files are written to a temporary folder beside ``folder``, which is then renamed into place, so a
-        crash leaves either the old folder or the new one, never a mix. An existing edit folder is replaced; an
-        existing non-empty folder that is not an edit is refused.
+        crash leaves either the old folder or the new one, never a mix. An existing edit folder is replaced only
+        with ``overwrite`` (a repeated command line must not cost a user an hour-long run); an existing non-empty
+        folder that is not an edit is always refused.
+
+        Args:
+            folder: Destination folder.
+            overwrite: Replace an edit already saved in ``folder``.
 
         Returns:
             The folder.
 
         Raises:
-            EditFormatError: If ``folder`` exists and is a file or a non-edit folder.
+            EditFormatError: If ``folder`` exists and is a file, a non-edit folder, or an edit (without
+                ``overwrite``).
         """
         from safetensors.torch import save_file
 
@@ -241,6 +247,11 @@ class Edit:
                 raise EditFormatError(
                     f"{folder} exists and is not an edit folder (no {CONFIG_NAME}); refusing to overwrite it: "
                     "choose another output folder."
+                )
+            if (folder / CONFIG_NAME).is_file() and not overwrite:
+                raise EditFormatError(
+                    f"{folder} already holds an edit; choose another output folder, or replace it with "
+                    "overwrite=True (erasure erase --overwrite)."
                 )
         folder.parent.mkdir(parents=True, exist_ok=True)
         temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))

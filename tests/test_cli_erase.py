@@ -189,3 +189,16 @@ def test_export_needs_an_edit(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nothing"), "--format", "lora", "--out", str(tmp_path / "o")]) == 1
     assert "No edit folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not any(p.name == CONFIG_NAME for p in tmp_path.iterdir())
+
+
+def test_erase_into_an_existing_edit_is_refused_unless_overwrite(model, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["erase", "uce", "--model", str(model), "--prompt", "pip", "--out", str(run), "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    argv = ["erase", "uce", "--model", str(model), "--prompt", "zog", "--out", str(run), "--no-progress"]
+    assert exit_status(argv) == 1
+    message = capsys.readouterr().err
+    assert "already holds an edit" in message and "--overwrite" in message and message.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before, "the old edit is untouched"
+    assert exit_status([*argv, "--overwrite"]) == 0
+    assert Edit.load(run).config["request"]["concepts"][0]["erase"] == ["zog"]

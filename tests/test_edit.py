@@ -134,10 +134,14 @@ def test_save_load_round_trip(pipe, tmp_path):
     loaded.apply_to(pipe)  # the fingerprint survives the trip
 
 
-def test_save_replaces_an_edit_but_refuses_other_folders(pipe, tmp_path):
+def test_save_replaces_an_edit_only_when_told_and_refuses_other_folders(pipe, tmp_path):
     first, second = make_edit(pipe, seed=1), make_edit(pipe, seed=2)
     folder = first.save(tmp_path / "run")
-    second.save(folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(EditFormatError, match="already holds an edit"):
+        second.save(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    second.save(folder, overwrite=True)
     assert torch.equal(Edit.load(folder).deltas[KEY_A], second.deltas[KEY_A])
     other = tmp_path / "photos"
     other.mkdir()
@@ -165,7 +169,7 @@ def test_crash_while_writing_leaves_the_old_edit_intact(pipe, tmp_path, monkeypa
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        make_edit(pipe, seed=2).save(folder)
+        make_edit(pipe, seed=2).save(folder, overwrite=True)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left behind
 
@@ -187,7 +191,7 @@ def test_crash_while_swapping_folders_restores_the_old_edit(pipe, tmp_path, monk
 
     monkeypatch.setattr(edit_module.os, "replace", flaky_replace)
     with pytest.raises(OSError, match="power cut"):
-        make_edit(pipe, seed=2).save(folder)
+        make_edit(pipe, seed=2).save(folder, overwrite=True)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
