@@ -127,6 +127,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder (must not exist unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_edit_safety_options(parser)
     parser.set_defaults(handler=_run_evaluate)
 
 
@@ -187,6 +188,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         overwrite=args.overwrite,
         progress=sys.stderr.isatty(),
+        base_check=not args.no_base_check,
+        max_relative_change=_max_relative_change(args),
     )
     if out is None:  # a non-main process of `accelerate launch`
         return 0
@@ -399,6 +402,27 @@ def _run_erase(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- edit safety options (export, grid, evaluate) -----------------------------------------------------------
+
+
+def _add_edit_safety_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("edit checks (on by default)")
+    group.add_argument(
+        "--no-base-check", action="store_true",
+        help="accept an edit without a base fingerprint (nothing can then verify its base model; recorded)",
+    )  # fmt: skip
+    group.add_argument(
+        "--allow-large-edit", action="store_true",
+        help="apply deltas larger than 10x their base tensor (refused by default: broken or altered edits)",
+    )  # fmt: skip
+
+
+def _max_relative_change(args: argparse.Namespace) -> float:
+    from erasure.edit import MAX_RELATIVE_CHANGE
+
+    return float("inf") if args.allow_large_edit else MAX_RELATIVE_CHANGE
+
+
 # --- export -----------------------------------------------------------------------------------------------------
 
 
@@ -415,16 +439,21 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--scale", type=float, default=1.0, help="strength of the edit (diffusers, single-file)")
     parser.add_argument("--device", help="device (default: cuda if available, else cpu)")
+    _add_edit_safety_options(parser)
     parser.set_defaults(handler=_run_export)
 
 
 def _run_export(args: argparse.Namespace) -> int:
+    import math
+
     from erasure.edit import Edit, atomic_output, save_lora
     from erasure.pipeline import load_pipeline, save_single_file
 
     if args.out.exists():
         raise FileExistsError(f"{args.out} already exists; choose another --out")
-    edit = Edit.load(args.run)
+    if not math.isfinite(args.scale):
+        raise ValueError(f"--scale must be a finite number, got {args.scale}")
+    edit = Edit.load(args.run, require_fingerprint=not args.no_base_check)
     if args.format == "lora":
         folder, skipped = save_lora(edit, args.out, args.rank)
         note = f" (left out {len(skipped)} tensors a LoRA cannot hold, e.g. {skipped[0]})" if skipped else ""
@@ -436,7 +465,7 @@ def _run_export(args: argparse.Namespace) -> int:
     if not model:
         raise ValueError("the edit records no base model; pass --model")
     pipe = load_pipeline(model, device=_device(args.device))
-    edit.apply_to(pipe, scale=args.scale)
+    edit.apply_to(pipe, scale=args.scale, max_relative_change=_max_relative_change(args))
     with atomic_output(args.out) as temporary:
         if args.format == "diffusers":
             pipe.save_pretrained(temporary, safe_serialization=True)
@@ -506,6 +535,7 @@ def _add_grid(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--title", help="title above the grid")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--out", type=Path, required=True, help="the grid PNG to write")
+    _add_edit_safety_options(parser)
     parser.set_defaults(handler=_run_grid)
 
 
@@ -553,7 +583,7 @@ def _run_grid(args: argparse.Namespace) -> int:
         prompts, groups, seeds = [r.prompt for r in rows], [r.role for r in rows], [r.evaluation_seed for r in rows]
         edits, records = {}, []
         for run in args.edit:
-            edit = Edit.load(run)
+            edit = Edit.load(run, require_fingerprint=not args.no_base_check)
             label = f"{edit.config.get('method', 'edit')} ({Path(run).name})"
             while label in edits or label == "base":
                 label += "'"
@@ -570,6 +600,7 @@ def _run_grid(args: argparse.Namespace) -> int:
             prompts,
             seeds,
             scale=args.scale,
+            max_relative_change=_max_relative_change(args),
             steps=args.steps,
             guidance_scale=args.guidance,
             batch_size=args.batch_size,

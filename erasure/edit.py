@@ -16,6 +16,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -51,6 +52,12 @@ WEIGHTS_NAME = "edit.safetensors"
 CONFIG_NAME = "edit_config.json"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) reads
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+#: A delta larger than this many times its base tensor (root-mean-square values) is refused when applied: no method of
+#: the field moves a tensor that far, and a tampered or diverged edit does (``max_relative_change`` overrides).
+MAX_RELATIVE_CHANGE = 10.0
+#: Sizes are root-mean-square values; a base tensor smaller than this counts as this size.
+RMS_FLOOR = 0.01
 
 
 class FingerprintMismatchError(ValueError):
@@ -171,7 +178,9 @@ class Edit:
                     f"{tuple(delta.shape)} in the edit (made from {base})."
                 )
 
-    def apply_to(self, pipe: Any, scale: float = 1.0, check: bool = True) -> None:
+    def apply_to(
+        self, pipe: Any, scale: float = 1.0, check: bool = True, max_relative_change: float = MAX_RELATIVE_CHANGE
+    ) -> None:
         """Add ``scale * delta`` to the pipeline's tensors, in place.
 
         The touched tensors are kept, so :meth:`revert` restores them bit for bit.
@@ -180,18 +189,34 @@ class Edit:
             pipe: The pipeline holding the base weights.
             scale: Strength of the edit; 0 leaves the weights unchanged, 1 is the edit as made.
             check: Verify the base fingerprint first.
+            max_relative_change: Refuse a delta whose root-mean-square value exceeds this multiple of its base
+                tensor's (``rms(scale * delta) > max_relative_change * max(rms(W0), RMS_FLOOR)``); ``math.inf``
+                for a user who means it.
 
         Raises:
             FingerprintMismatchError: If ``check`` and the pipeline's tensors are not the edit's base.
+            ValueError: If ``scale`` is not finite, or a delta is implausibly large for its tensor.
             RuntimeError: If this edit is already applied (revert it first).
         """
         if self._originals is not None:
             raise RuntimeError("This edit is already applied; call revert(pipe) before applying it again.")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"The edit's scale must be a finite number, got {scale}.")
         if check:
             self.check_base(pipe)
         else:
             self._check_shapes(pipe)
         parameters = {key: pipeline_tensor(pipe, key) for key in self.deltas}
+        for key, parameter in parameters.items():
+            # root-mean-square sizes; a tensor the base holds at (near) zero, such as a fresh bias, counts as 0.01
+            change = abs(float(scale)) * float(self.deltas[key].norm()) / max(self.deltas[key].numel(), 1) ** 0.5
+            size = max(float(parameter.detach().float().norm()) / max(parameter.numel(), 1) ** 0.5, RMS_FLOOR)
+            if change > max_relative_change * size:
+                raise ValueError(
+                    f"The edit changes {key} by {change / size:.3g} times its own size (limit "
+                    f"{max_relative_change:g}); the edit is broken or was altered. Pass max_relative_change="
+                    "math.inf (--allow-large-edit) if you mean it."
+                )
         originals = {key: parameter.detach().to("cpu", copy=True) for key, parameter in parameters.items()}
         with torch.no_grad():
             for key, parameter in parameters.items():
@@ -278,11 +303,16 @@ class Edit:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> Edit:
-        """Read an edit folder written by :meth:`save` (safetensors only; nothing is unpickled).
+    def load(cls, folder: str | Path, *, require_fingerprint: bool = True) -> Edit:
+        """Read an edit folder written by :meth:`save` (safetensors only; nothing is unpickled), and validate it.
+
+        Validation (:func:`validate_edit`): the config names a known method, every delta is finite, and the
+        base fingerprint is there -- without it nothing could tell that the edit is applied to the model it was
+        made from. ``require_fingerprint=False`` accepts an edit without one; the caller must record that the check
+        was skipped in whatever it writes (``base_check: skipped``).
 
         Raises:
-            EditFormatError: If the folder or a file is missing, or a file is corrupt.
+            EditFormatError: If the folder or a file is missing, a file is corrupt, or validation fails.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -307,7 +337,56 @@ class Edit:
         bad = [key for key in deltas if key.partition(".")[0] not in COMPONENTS]
         if bad:
             raise EditFormatError(f"{weights_path} holds {bad[0]!r}, which is not an edit key; is it an edit?")
+        validate_edit(deltas, config, where=str(folder), require_fingerprint=require_fingerprint)
         return cls(deltas, config)
+
+
+def known_method_names() -> set[str]:
+    """Names an edit config may give as its ``method``: the registered methods and ``stack``."""
+    from erasure.methods import METHODS
+
+    return {*METHODS, "stack"}
+
+
+def validate_edit(
+    deltas: Mapping[str, Tensor],
+    config: Mapping[str, Any],
+    *,
+    where: str = "the edit",
+    require_fingerprint: bool = True,
+) -> None:
+    """Refuse an edit whose metadata is incomplete or tampered with, or whose deltas are not finite.
+
+    Checks: ``method`` is a known method name (a stack's parts too); a stack lists ``parts`` that cover its
+    tensors; every delta is finite; with ``require_fingerprint``, every base fingerprint is present.
+
+    Raises:
+        EditFormatError: Naming the field or tensor that failed.
+    """
+    method = config.get("method")
+    if not isinstance(method, str) or not method:
+        raise EditFormatError(f"{where}: edit_config.json has no 'method'; it is incomplete or was altered.")
+    known = known_method_names()
+    parts = config.get("parts") if method == "stack" else None
+    if method == "stack" and not isinstance(parts, list):
+        raise EditFormatError(f"{where}: a stacked edit must list its 'parts' in edit_config.json.")
+    for name in [method] + [str((part.get("config") or {}).get("method", "")) for part in parts or []]:
+        if name not in known:
+            raise EditFormatError(
+                f"{where}: edit_config.json names method {name!r}, which erasure does not know "
+                f"(known: {', '.join(sorted(known))}); the file was altered or comes from another tool."
+            )
+    if require_fingerprint:
+        fingerprints = [part.get("base_fingerprint") for part in parts] if parts else [config.get("base_fingerprint")]
+        if not all(isinstance(value, str) and value for value in fingerprints):
+            raise EditFormatError(
+                f"{where}: edit_config.json has no base_fingerprint, so nothing can check that the edit is applied "
+                "to the model it was made from; pass --no-base-check (recorded in the output) to use it anyway."
+            )
+    for key, delta in deltas.items():
+        if not torch.isfinite(delta).all():
+            bad = int((~torch.isfinite(delta)).sum())
+            raise EditFormatError(f"{where}: {key} holds {bad} non-finite values (NaN or inf); the edit is broken.")
 
 
 def stack(edits: Iterable[Edit]) -> Edit:

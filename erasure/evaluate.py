@@ -1171,6 +1171,8 @@ def run_evaluation(
     dtype: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    base_check: bool = True,
+    max_relative_change: float | None = None,
 ) -> Path | None:
     """Generate (or read) images for every model, score them, and write the results atomically.
 
@@ -1205,6 +1207,10 @@ def run_evaluation(
         dtype: ``auto`` (float16 on CUDA, else float32), ``float32``, ``float16`` or ``bfloat16``.
         overwrite: Replace an existing output folder.
         progress: Show progress bars (main process only).
+        base_check: Refuse edits without a base fingerprint (``False`` accepts them and records
+            ``"base_check": "skipped"`` for them in ``metrics.json``).
+        max_relative_change: Largest accepted ``|delta| / |W0|`` per tensor when an edit is applied
+            (:data:`erasure.edit.MAX_RELATIVE_CHANGE` by default; ``math.inf`` turns the check off).
 
     Returns:
         The output folder on the main process, ``None`` on the others.
@@ -1293,7 +1299,7 @@ def run_evaluation(
         images_per_row = max(sample for _, sample in keys) + 1
     else:
         jobs = image_jobs(rows, images_per_row, guidance)
-        pipe, entries = _load_models(model, edits, weights, run_device, dtype, taken)  # type: ignore[arg-type]
+        pipe, entries = _load_models(model, edits, weights, run_device, dtype, taken, base_check, max_relative_change)  # type: ignore[arg-type]
         from erasure.pipeline import default_image_size
 
         size = default_image_size(pipe)
@@ -1335,14 +1341,17 @@ def _load_models(
     device: torch.device,
     dtype: str,
     taken: set[str],
+    base_check: bool = True,
+    max_relative_change: float | None = None,
 ) -> tuple[Any, list[ModelEntry]]:
-    from erasure.edit import Edit, FingerprintMismatchError, fingerprint
+    from erasure.edit import MAX_RELATIVE_CHANGE, Edit, FingerprintMismatchError, fingerprint
     from erasure.pipeline import detect_family, load_pipeline
     from erasure.prompt_sets import file_sha256
 
+    limit = MAX_RELATIVE_CHANGE if max_relative_change is None else float(max_relative_change)
     loaded_edits = []
     for folder in edits:  # cheap checks first: a bad edit folder fails before the model loads
-        loaded_edits.append((Path(folder), Edit.load(folder)))
+        loaded_edits.append((Path(folder), Edit.load(folder, require_fingerprint=base_check)))
     for path in weights:
         if not Path(path).is_file():
             raise EvaluationError(f"No weights file at {path}.")
@@ -1366,6 +1375,9 @@ def _load_models(
             "edit_fingerprint": fingerprint(edit.deltas),
             "base_fingerprint": edit.config.get("base_fingerprint") or "",
             "base_model": edit.config.get("base_model", ""),
+            "base_check": "done" if edit.config.get("base_fingerprint") or edit.config.get("parts") else "skipped",
+            # null: the check is off (strict JSON has no infinity)
+            "max_relative_change": limit if math.isfinite(limit) else None,
         }
         entries.append(ModelEntry(_unique_label(folder.name, taken), "edit", str(folder), edit=edit, info=info))
     for path in weights:
@@ -1393,7 +1405,8 @@ def _make_workdir(out: Path, state: Any) -> Path:
 @contextmanager
 def _model_applied(entry: ModelEntry, pipe: Any) -> Iterator[None]:
     if entry.kind == "edit":
-        entry.edit.apply_to(pipe)
+        limit = entry.info.get("max_relative_change")
+        entry.edit.apply_to(pipe, max_relative_change=math.inf if limit is None else limit)
         try:
             yield
         finally:

@@ -477,6 +477,7 @@ def generate_columns(
     *,
     base_label: str = "base",
     scale: float = 1.0,
+    max_relative_change: float | None = None,
     **generate_kwargs: Any,
 ) -> dict[str, np.ndarray]:
     """Images of the base model and of each edit, from the same prompts and seeds.
@@ -491,6 +492,7 @@ def generate_columns(
         seeds: One seed per row (every column of a row uses it).
         base_label: Label of the base column.
         scale: Strength at which each edit is applied.
+        max_relative_change: Passed to :meth:`erasure.edit.Edit.apply_to` (its default when ``None``).
         **generate_kwargs: Passed to :func:`erasure.generate.generate` (``steps``, ``guidance_scale``, ...).
 
     Returns:
@@ -503,7 +505,8 @@ def generate_columns(
     columns = {base_label: generate(pipe, prompts, seeds, **generate_kwargs)}
     for label, edit in edits.items():
         logger.info("Generating %d images with edit '%s' (scale %s).", len(prompts), label, scale)
-        edit.apply_to(pipe, scale=scale)
+        limit = {} if max_relative_change is None else {"max_relative_change": max_relative_change}
+        edit.apply_to(pipe, scale=scale, **limit)
         try:
             columns[label] = generate(pipe, prompts, seeds, **generate_kwargs)
         finally:

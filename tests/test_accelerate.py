@@ -73,8 +73,9 @@ def test_two_processes_merge_to_the_single_process_result(tmp_path):
     prompts = save_prompt_csv(rows, tmp_path / "prompts.csv")
     pipe = tiny_pipeline("sd1")
     key = "unet." + next(k for k in pipe.unet.state_dict() if ".attn2.to_k." in k)
-    delta = torch.randn(pipeline_tensor(pipe, key).shape, generator=torch.Generator().manual_seed(0))
-    config = {"method": "test", "base_fingerprint": fingerprint({key: pipeline_tensor(pipe, key)})}
+    noise = torch.randn(pipeline_tensor(pipe, key).shape, generator=torch.Generator().manual_seed(0))
+    delta = noise * (3 * pipeline_tensor(pipe, key).norm() / noise.norm())  # 3x the tensor: strong, and valid
+    config = {"method": "uce", "base_fingerprint": fingerprint({key: pipeline_tensor(pipe, key)})}
     edit = Edit({key: delta}, config).save(tmp_path / "edit")
     args = ["evaluate", "--model", str(model), "--edit", str(edit), "--prompts", str(prompts), "--clip", str(clip)]
     # Batch size 1: each image is generated and embedded alone in both runs, so the shards see bit-identical

@@ -202,3 +202,38 @@ def test_erase_into_an_existing_edit_is_refused_unless_overwrite(model, tmp_path
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before, "the old edit is untouched"
     assert exit_status([*argv, "--overwrite"]) == 0
     assert Edit.load(run).config["request"]["concepts"][0]["erase"] == ["zog"]
+
+
+@pytest.mark.parametrize("tamper", ["nan", "method", "fingerprint", "empty"])
+def test_export_refuses_broken_or_altered_edits_and_writes_nothing(run, model, tmp_path, capsys, tamper):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    edit = tmp_path / "edit"
+    shutil.copytree(run, edit)
+    config = json.loads((edit / CONFIG_NAME).read_text())
+    if tamper == "nan":
+        deltas = load_file(edit / "edit.safetensors")
+        first = next(iter(deltas))
+        deltas[first][0] = float("nan")
+        save_file(deltas, edit / "edit.safetensors")
+    elif tamper == "method":
+        config["method"] = "esd-x-renamed"
+    elif tamper == "fingerprint":
+        del config["base_fingerprint"]
+    else:
+        config = {}
+    (edit / CONFIG_NAME).write_text(json.dumps(config))
+    out = tmp_path / "exported"
+    assert exit_status(["export", str(edit), "--model", str(model), "--format", "diffusers", "--out", str(out)]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("error: ") and message.count("\n") == 1 and str(edit) in message
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["edit"]
+
+
+def test_export_refuses_a_non_finite_scale(run, model, tmp_path, capsys):
+    out = tmp_path / "exported"
+    argv = ["export", str(run), "--model", str(model), "--format", "diffusers", "--out", str(out), "--scale", "nan"]
+    assert exit_status(argv) == 1
+    assert "--scale" in capsys.readouterr().err and not out.exists()

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -50,7 +51,7 @@ def make_edit(pipe, keys=(KEY_A, KEY_B), seed=0):
     generator = torch.Generator().manual_seed(seed)
     deltas = {key: torch.randn(pipeline_tensor(pipe, key).shape, generator=generator) * 0.1 for key in keys}
     base = {key: pipeline_tensor(pipe, key) for key in keys}
-    return Edit(deltas, {"method": "test", "base_fingerprint": fingerprint(base), "family": "sd1"})
+    return Edit(deltas, {"method": "uce", "base_fingerprint": fingerprint(base), "family": "sd1"})
 
 
 def test_fingerprint_sees_names_shapes_dtypes_and_bits():
@@ -89,7 +90,7 @@ def test_revert_is_bit_exact_even_when_adding_back_would_not_be(pipe):
     state = snapshot(pipe)
     edit = make_edit(pipe)
     edit.deltas[KEY_A] = edit.deltas[KEY_A] * 1e6  # x + d - d != x in floating point
-    edit.apply_to(pipe, scale=1.0)
+    edit.apply_to(pipe, scale=1.0, max_relative_change=math.inf)
     edit.revert(pipe)
     assert_same(pipe, state)
 
@@ -262,3 +263,70 @@ def test_text_encoder_keys_of_either_transformers_naming_resolve(pipe):
         pipeline_tensor(pipe, "text_encoder.nope.weight")
     with pytest.raises(KeyError, match="names no component"):
         pipeline_tensor(pipe, "vae.decoder.conv_in.weight")
+
+
+# --- validation: broken or altered edits are refused before they reach a model --------------------------------
+
+
+def _tamper(folder, **changes):
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+
+
+def test_load_refuses_non_finite_deltas(pipe, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = make_edit(pipe).save(tmp_path / "run")
+    deltas = Edit.load(folder).deltas
+    deltas[KEY_A] = deltas[KEY_A].clone()
+    deltas[KEY_A][0, 0] = float("nan")
+    save_file(deltas, str(folder / WEIGHTS_NAME))
+    with pytest.raises(EditFormatError, match=f"{KEY_A} holds 1 non-finite"):
+        Edit.load(folder)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"method": None}, "has no 'method'"),
+        ({"method": "uce-but-renamed"}, "names method 'uce-but-renamed'"),
+        ({"base_fingerprint": None}, "has no base_fingerprint"),
+    ],
+)
+def test_load_refuses_incomplete_or_altered_configs(pipe, tmp_path, changes, message):
+    folder = make_edit(pipe).save(tmp_path / "run")
+    _tamper(folder, **changes)
+    with pytest.raises(EditFormatError, match=message):
+        Edit.load(folder)
+
+
+def test_an_empty_config_is_refused_and_a_missing_fingerprint_only_when_asked(pipe, tmp_path):
+    folder = make_edit(pipe).save(tmp_path / "run")
+    (folder / CONFIG_NAME).write_text("{}")
+    with pytest.raises(EditFormatError, match="has no 'method'"):
+        Edit.load(folder)
+    folder = make_edit(pipe).save(tmp_path / "run2")
+    _tamper(folder, base_fingerprint=None)
+    edit = Edit.load(folder, require_fingerprint=False)
+    edit.apply_to(pipe)  # nothing to verify against, by the caller's explicit choice
+    edit.revert(pipe)
+
+
+def test_apply_refuses_implausibly_large_deltas_and_non_finite_scales(pipe):
+    base = pipeline_tensor(pipe, KEY_A).detach().clone()
+    huge = Edit({KEY_A: base * 1e6}, {"method": "uce"})
+    with pytest.raises(ValueError, match=f"changes {KEY_A} by 1e\\+06 times its own size"):
+        huge.apply_to(pipe, check=False)
+    assert torch.equal(pipeline_tensor(pipe, KEY_A), base), "nothing was applied"
+    huge.apply_to(pipe, check=False, max_relative_change=math.inf)  # a user who means it
+    huge.revert(pipe)
+    small = make_edit(pipe)
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="finite"):
+            small.apply_to(pipe, scale=scale)
+    assert torch.equal(pipeline_tensor(pipe, KEY_A), base)

@@ -422,10 +422,11 @@ def assets(tmp_path_factory):
     pipe = tiny_pipeline("sd1")
     key = f"unet.{attn2_keys(pipe.unet)[0]}"
     base = fingerprint({key: pipeline_tensor(pipe, key)})
-    delta = torch.randn(pipeline_tensor(pipe, key).shape, generator=torch.Generator().manual_seed(0))
-    edit = Edit({key: delta}, {"method": "test", "base_fingerprint": base, "base_model": "tiny"}).save(root / "edit")
+    noise = torch.randn(pipeline_tensor(pipe, key).shape, generator=torch.Generator().manual_seed(0))
+    delta = noise * (3 * pipeline_tensor(pipe, key).norm() / noise.norm())  # 3x the tensor: a strong, valid edit
+    edit = Edit({key: delta}, {"method": "uce", "base_fingerprint": base, "base_model": "tiny"}).save(root / "edit")
     other = tiny_pipeline("sd1", seed=1)
-    foreign = {"method": "test", "base_fingerprint": fingerprint({key: pipeline_tensor(other, key)})}
+    foreign = {"method": "uce", "base_fingerprint": fingerprint({key: pipeline_tensor(other, key)})}
     foreign_edit = Edit({key: delta}, foreign).save(root / "foreign")
     return {"model": model, "clip": clip, "prompts": prompts, "edit": edit, "foreign": foreign_edit, "root": root}
 

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from erasure.cli import main
-from erasure.edit import Edit
+from erasure.edit import Edit, fingerprint
 from erasure.generate import save_images
 from erasure.grid import (
     comparison_grid,
@@ -165,8 +165,8 @@ def test_generate_columns_pairs_seeds_and_restores_the_pipe():
     weight = pipe.unet.get_parameter(key[len("unet.") :])
     before = weight.detach().clone()
     edits = {
-        "zero": Edit({key: torch.zeros_like(weight)}, {"method": "none"}),
-        "strong": Edit({key: torch.randn_like(weight) * 10}, {"method": "noise"}),
+        "zero": Edit({key: torch.zeros_like(weight)}, {"method": "uce"}),
+        "strong": Edit({key: weight.detach() * 3}, {"method": "uce"}),  # large, but within the 10x limit
     }
     out = generate_columns(pipe, edits, ["a cat", "a dog"], [1, 2], steps=2, progress=False)
     assert list(out) == ["base", "zero", "strong"]
@@ -216,7 +216,9 @@ def test_grid_command_generates_base_and_edit_with_shared_seeds(tmp_path, capsys
     model = save_tiny_pipeline(tmp_path / "tiny")
     pipe = tiny_pipeline("sd1")
     key = first_attn2_key(pipe)
-    Edit({key: torch.randn_like(pipe.unet.get_parameter(key[5:])) * 10}, {"method": "noise"}).save(tmp_path / "run")
+    weight = pipe.unet.get_parameter(key[5:]).detach()
+    config = {"method": "uce", "base_fingerprint": fingerprint({key: weight})}
+    Edit({key: weight * 3}, config).save(tmp_path / "run")
     concept = tmp_path / "pip.toml"
     concept.write_text(
         '[[concept]]\nname = "Pip"\nkind = "character"\nerase = ["Pip"]\npreserve = ["Zog"]\n'
@@ -226,13 +228,13 @@ def test_grid_command_generates_base_and_edit_with_shared_seeds(tmp_path, capsys
     argv = ["grid", "--model", str(model), "--edit", str(tmp_path / "run"), "--concept", str(concept)]
     assert main([*argv, "--steps", "2", "--seed", "7", "--out", str(out)]) == 0
     manifest = json.loads(out.with_suffix(".json").read_text())
-    assert manifest["columns"] == ["base", "noise (run)"]
+    assert manifest["columns"] == ["base", "uce (run)"]
     assert [(r["prompt"], r["group"], r["seed"]) for r in manifest["rows"]] == [
         ("a drawing of Pip", "erased", 7),
         ("a drawing of Zog", "preserved", 8),
         ("a red circle", "preserved", 9),
     ]
-    assert manifest["steps"] == 2 and manifest["edits"][0]["method"] == "noise"
+    assert manifest["steps"] == 2 and manifest["edits"][0]["method"] == "uce"
     assert Image.open(out).size == (manifest["layout"]["width"], manifest["layout"]["height"])
     assert main(["grid", "--model", str(model), "--out", str(out)]) == 1
     assert "--concept" in capsys.readouterr().err

@@ -38,7 +38,7 @@ def test_drift_is_the_relative_key_value_change_averaged_over_the_edit(script):
 def test_an_edit_without_key_value_tensors_is_refused(script, capsys):
     pipe = tiny_pipeline("sd1")
     key = next(k for k, _ in pipe.unet.named_parameters() if k.endswith("attn2.to_q.weight"))
-    edit = Edit({f"unet.{key}": torch.zeros_like(pipeline_tensor(pipe, f"unet.{key}"))}, {"method": "test"})
+    edit = Edit({f"unet.{key}": torch.zeros_like(pipeline_tensor(pipe, f"unet.{key}"))}, {"method": "uce"})
     with pytest.raises(ValueError, match="no cross-attention key/value"):
         script.token_drift(pipe, edit, ["pip"])
     assert script.main(["--model", "nowhere", "--edit", "/nonexistent/run", "--prompt", "pip"]) == 2
