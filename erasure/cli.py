@@ -8,12 +8,69 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
 from erasure import __version__
 
 TOYWORLD_SD = Path(__file__).resolve().parent.parent / "checkpoints" / "toyworld-sd"
+
+
+# --- parsing: strict option names and checked numbers -------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that never guesses.
+
+    No prefix matching (``--erase-scal`` is not taken for ``--erase-scale``), and an unknown option is named with
+    the nearest known one.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: D102
+        namespace, extras = super().parse_known_args(args, namespace)
+        unknown = [item for item in extras if item.startswith("-")]
+        if unknown and self._subparsers is None:  # leaf parsers report; a parent passes extras down
+            import difflib
+
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            option = unknown[0].split("=", 1)[0]
+            nearest = difflib.get_close_matches(option, flags, n=1, cutoff=0.6)
+            hint = f"; did you mean {nearest[0]}?" if nearest else f"; `{self.prog} --help` lists the options"
+            self.error(f"unrecognized option {option}{hint}")
+        return namespace, extras
+
+
+def number(kind: type, *, minimum: float | None = None, above: float | None = None):
+    """An argparse type: ``kind`` (int or float), finite, ``>= minimum`` / ``> above`` when given."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum:g}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be greater than {above:g}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+POSITIVE_INT = number(int, minimum=1)
+NON_NEGATIVE_INT = number(int, minimum=0)
+FINITE_FLOAT = number(float)
+NON_NEGATIVE_FLOAT = number(float, minimum=0)
 
 
 # --- demo -------------------------------------------------------------------------------------------------------
@@ -30,9 +87,11 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--concept", default=None, help="concept file (default: prompts/toyworld/pip.toml)")
     parser.add_argument("--method", default="uce", help="erasure method (default: uce)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
-    parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    parser.add_argument("--seeds-per-prompt", type=int, default=13, help="seeds per held-out evaluation prompt")
+    parser.add_argument("--steps", type=POSITIVE_INT, default=25, help="DDIM steps")
+    parser.add_argument("--guidance", type=NON_NEGATIVE_FLOAT, default=7.5, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--seeds-per-prompt", type=POSITIVE_INT, default=13, help="seeds per held-out evaluation prompt"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.set_defaults(handler=_run_demo)
 
@@ -103,24 +162,26 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         metavar="TEXT",
         help="zero-shot template with {} for the class (repeatable; default depends on the CLIP)",
     )
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    parser.add_argument("--steps", type=POSITIVE_INT, default=25, help="denoising steps (default 25)")
     parser.add_argument(
         "--guidance",
-        type=float,
+        type=NON_NEGATIVE_FLOAT,
         default=None,
         help="classifier-free guidance scale of every image (default: each CSV row's evaluation_guidance where the "
         "file has one, else 7.5; ESD's and UCE's own scripts use 7.5 for every row)",
     )
     parser.add_argument(
         "--seeds-per-prompt",
-        type=int,
+        type=POSITIVE_INT,
         default=1,
         help="images per prompt: seeds evaluation_seed+i for a CSV row, seeds SEED+i for a concept prompt",
     )
-    parser.add_argument("--seed", type=int, default=0, help="first seed of concept-file prompts (default 0)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call / CLIP forward")
-    parser.add_argument("--height", type=int, help="image height (default: the model's native size)")
-    parser.add_argument("--width", type=int, help="image width (default: the model's native size)")
+    parser.add_argument(
+        "--seed", type=NON_NEGATIVE_INT, default=0, help="first seed of concept-file prompts (default 0)"
+    )
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="images per pipeline call / CLIP forward")
+    parser.add_argument("--height", type=POSITIVE_INT, help="image height (default: the model's native size)")
+    parser.add_argument("--width", type=POSITIVE_INT, help="image width (default: the model's native size)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: accelerate's device)")
     parser.add_argument(
         "--dtype", default="auto", choices=("auto", "float32", "float16", "bfloat16"), help="pipeline dtype"
@@ -290,7 +351,7 @@ def _add_method_options(parser: argparse.ArgumentParser, name: str) -> None:
             group.add_argument(
                 flag,
                 dest=dest,
-                type=kind,
+                type={int: number(int), float: FINITE_FLOAT}.get(kind, kind),
                 default=default,
                 choices=choices,
                 metavar=kind.__name__.upper(),
@@ -436,8 +497,10 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="base model (default: the one recorded in the edit; LoRA needs none)")
     parser.add_argument("--format", required=True, choices=["diffusers", "lora", "single-file"], help="output format")
     parser.add_argument("--out", type=Path, required=True, help="output folder (.safetensors file for single-file)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--scale", type=float, default=1.0, help="strength of the edit (diffusers, single-file)")
+    parser.add_argument("--rank", type=POSITIVE_INT, default=16, help="LoRA rank")
+    parser.add_argument(
+        "--scale", type=FINITE_FLOAT, default=1.0, help="strength of the edit (diffusers, single-file)"
+    )
     parser.add_argument("--device", help="device (default: cuda if available, else cpu)")
     _add_edit_safety_options(parser)
     parser.set_defaults(handler=_run_export)
@@ -525,13 +588,21 @@ def _add_grid(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="draw saved images instead: image folders with manifest.json, or evaluation folders (images/<model>)",
     )
-    parser.add_argument("--per-group", type=int, default=4, help="most prompts per group (default 4; 0: all)")
-    parser.add_argument("--seed", type=int, default=0, help="concept files: row i uses seed SEED+i (default 0)")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    parser.add_argument("--scale", type=float, default=1.0, help="strength each edit is applied at (default 1)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
-    parser.add_argument("--cell-size", type=int, help="image cell height in pixels (default: from the image size)")
+    parser.add_argument(
+        "--per-group", type=NON_NEGATIVE_INT, default=4, help="most prompts per group (default 4; 0: all)"
+    )
+    parser.add_argument(
+        "--seed", type=NON_NEGATIVE_INT, default=0, help="concept files: row i uses seed SEED+i (default 0)"
+    )
+    parser.add_argument("--steps", type=POSITIVE_INT, default=25, help="denoising steps (default 25)")
+    parser.add_argument(
+        "--guidance", type=NON_NEGATIVE_FLOAT, default=7.5, help="classifier-free guidance scale (default 7.5)"
+    )
+    parser.add_argument("--scale", type=FINITE_FLOAT, default=1.0, help="strength each edit is applied at (default 1)")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=8, help="images per pipeline call")
+    parser.add_argument(
+        "--cell-size", type=POSITIVE_INT, help="image cell height in pixels (default: from the image size)"
+    )
     parser.add_argument("--title", help="title above the grid")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--out", type=Path, required=True, help="the grid PNG to write")
@@ -646,7 +717,9 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="evaluation folder(s)")
     parser.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     parser.add_argument("--title", default="Concept erasure report", help="page title")
-    parser.add_argument("--per-group", type=int, default=4, help="prompts per group in drawn grids (default 4)")
+    parser.add_argument(
+        "--per-group", type=POSITIVE_INT, default=4, help="prompts per group in drawn grids (default 4)"
+    )
     parser.set_defaults(handler=_run_report)
 
 
@@ -698,7 +771,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     and a command that needs no model never import torch, diffusers, transformers or open_clip (building the
     ``erase`` options reads every method's config, which imports the methods). ``argv=None`` builds every command.
     """
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="erasure",
         description="Concept erasure for text-to-image diffusion models: erase, evaluate, compare.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

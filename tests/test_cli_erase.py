@@ -85,7 +85,10 @@ def test_erase_help_lists_the_method_options(capsys):
         (["erase", "uce", "--model", "{tmp}/missing", "--prompt", "pip", "--out", "{out}"], "No such file"),
         (["erase", "uce", "--model", "{model}", "--out", "{out}"], "--concept FILE"),
         (["erase", "uce", "--model", "{model}", "--prompt", "pip", "--out", "{out}", "--lamb", "-1"], "lamb"),
-        (["erase", "uce", "--model", "{model}", "--prompt", "pip", "--out", "{out}", "--lamb", "x"], "invalid float"),
+        (
+            ["erase", "uce", "--model", "{model}", "--prompt", "pip", "--out", "{out}", "--lamb", "x"],
+            "--lamb: 'x' is not a number",
+        ),
     ],
 )
 def test_erase_errors_are_one_line_and_write_nothing(argv, message, model, tmp_path, capsys):
@@ -235,5 +238,5 @@ def test_export_refuses_broken_or_altered_edits_and_writes_nothing(run, model, t
 def test_export_refuses_a_non_finite_scale(run, model, tmp_path, capsys):
     out = tmp_path / "exported"
     argv = ["export", str(run), "--model", str(model), "--format", "diffusers", "--out", str(out), "--scale", "nan"]
-    assert exit_status(argv) == 1
-    assert "--scale" in capsys.readouterr().err and not out.exists()
+    assert exit_status(argv) != 0  # refused while parsing
+    assert "--scale: 'nan' is not a finite number" in capsys.readouterr().err and not out.exists()

@@ -47,3 +47,46 @@ def test_every_command_is_listed_and_its_full_parser_is_built_when_named():
     stub = build_parser(["--help"])._subparsers._group_actions[0].choices["export"]
     full = build_parser(["export"])._subparsers._group_actions[0].choices["export"]
     assert len(full._actions) > len(stub._actions) == 1  # the stub has only -h
+
+
+# --- strict parsing ----------------------------------------------------------------------------------------------
+
+
+def _exit(argv):
+    from erasure.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
+def test_a_misspelt_option_is_refused_and_the_nearest_is_named(capsys):
+    import pytest
+
+    for argv, nearest in (
+        (["erase", "uce", "--model", "m", "--prompt", "p", "--out", "o", "--erase-scal", "2"], "--erase-scale"),
+        (["grid", "--out", "o.png", "--stepz", "3"], "--steps"),
+        (["evaluate", "--out", "o", "--stp", "3"], "--steps"),
+    ):
+        assert _exit(argv) != 0
+        message = capsys.readouterr().err
+        assert f"unrecognized option {argv[-2]}" in message and f"did you mean {nearest}?" in message, message
+    with pytest.raises(SystemExit):  # a prefix is no longer taken for the full name
+        from erasure.cli import build_parser
+
+        build_parser(["export"]).parse_args(["export", "run", "--form", "lora", "--out", "x"])
+
+
+def test_numbers_are_checked_where_they_are_parsed(capsys):
+    cases = [
+        (["evaluate", "--out", "o", "--steps", "0"], "--steps: must be at least 1"),
+        (["evaluate", "--out", "o", "--batch-size", "0"], "--batch-size: must be at least 1"),
+        (["evaluate", "--out", "o", "--guidance", "nan"], "--guidance: 'nan' is not a finite number"),
+        (["grid", "--out", "o.png", "--scale", "inf"], "--scale: 'inf' is not a finite number"),
+        (["export", "run", "--format", "lora", "--out", "x", "--rank", "0"], "--rank: must be at least 1"),
+        (["erase", "uce", "--model", "m", "--prompt", "p", "--out", "o", "--erase-scale", "nan"], "--erase-scale"),
+    ]
+    for argv, expected in cases:
+        assert _exit(argv) != 0, argv
+        assert expected in capsys.readouterr().err, argv
