@@ -1150,6 +1150,20 @@ def _rows_from_manifest(records: Sequence[Any], folder: Path) -> list[PromptRow]
     return [rows[k] for k in sorted(rows)]
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, inf) replaced by ``None``.
+
+    JSON has no NaN, and a metric that cannot be computed is reported as missing, never as a number.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: strict_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(item) for item in value]
+    return value
+
+
 def run_evaluation(
     out: str | Path,
     *,
@@ -1629,5 +1643,7 @@ def _write_reports(
         "num_processes": num_processes,
         "files": {"per_image": "per_image.csv"},
     }
-    (work / "metrics.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    (work / "metrics.json").write_text(
+        json.dumps(strict_json(document), indent=2, allow_nan=False) + "\n", encoding="utf-8"
+    )
     write_per_image_csv(work / "per_image.csv", per_image)

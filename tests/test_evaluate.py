@@ -626,3 +626,11 @@ def test_overwrite_replaces_a_previous_run(run, assets, tmp_path):
     assert main(argv) == 0
     assert not (out / "stale.txt").exists()
     assert list(json.loads((out / "metrics.json").read_text())["metrics"]) == ["base"]
+
+
+def test_strict_json_replaces_non_finite_numbers_with_null():
+    from erasure.evaluate import strict_json
+
+    document = {"a": float("nan"), "b": [1.0, float("inf"), {"c": -float("inf")}], "d": "nan", "e": 3}
+    assert strict_json(document) == {"a": None, "b": [1.0, None, {"c": None}], "d": "nan", "e": 3}
+    json.dumps(strict_json(document), allow_nan=False)  # valid JSON
