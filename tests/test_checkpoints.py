@@ -94,14 +94,36 @@ def test_sd_tokenizer_is_the_toy_tokenizer_in_sd1_layout(pipe, tmp_path):
         assert slow(text).input_ids == ids
 
 
-def test_sd_scheduler_is_ddim_compatible(pipe):
+def test_sd_scheduler_is_the_one_training_used(pipe):
     from diffusers import DDIMScheduler
 
+    from erasure.toyworld.models import SCHEDULER_CONFIG
+    from erasure.toyworld.train import training_noise_schedule
+
     scheduler = DDIMScheduler.from_pretrained(SD, subfolder="scheduler")
+    assert isinstance(pipe.scheduler, DDIMScheduler), "a plain pipe(prompt) samples with DDIM"
     config = scheduler.config
     assert (config.beta_schedule, config.beta_start, config.beta_end) == ("scaled_linear", 0.00085, 0.012)
-    assert config.num_train_timesteps == 1000 and config.prediction_type == "epsilon"
-    assert DDIMScheduler.from_config(pipe.scheduler.config).config.beta_schedule == "scaled_linear"
+    assert config.num_train_timesteps == 1000 and config.prediction_type == "v_prediction"
+    assert config.rescale_betas_zero_snr and config.timestep_spacing == "trailing"
+    assert {key: config[key] for key in SCHEDULER_CONFIG} == SCHEDULER_CONFIG
+    abar, prediction = training_noise_schedule(SCHEDULER_CONFIG)
+    assert torch.equal(pipe.scheduler.alphas_cumprod, abar) and prediction == config.prediction_type
+    pipe.scheduler.set_timesteps(25)
+    assert int(pipe.scheduler.timesteps[0]) == 999, "trailing spacing starts sampling at the pure-noise step"
+
+
+def test_sd_vae_latents_are_centred(pipe):
+    """The shipped VAE has its per-channel latent mean folded into its biases: fresh renders encode near zero."""
+    from erasure.toyworld.quality import fresh_renders
+    from erasure.toyworld.train import to_tensor
+
+    images, _ = fresh_renders(64, seed=99)
+    with torch.no_grad():
+        latents = pipe.vae.encode(to_tensor(images)).latent_dist.mean * pipe.vae.config.scaling_factor
+    channel_means = latents.mean(dim=(0, 2, 3))
+    assert channel_means.abs().max() < 0.25, channel_means  # the first toy world's were -1.21 .. 0.76
+    assert 0.8 < float(latents.std()) < 1.25
 
 
 def test_sd_generates_a_64x64_image_in_2_steps(pipe):
@@ -133,10 +155,9 @@ def test_clip_loads_through_open_clip_local_dir(clip):
 
 
 def test_clip_loads_through_load_clip(clip):
-    evaluate = pytest.importorskip("erasure.evaluate")
-    if not hasattr(evaluate, "load_clip"):
-        pytest.skip("erasure.evaluate has no load_clip")
-    model, _, _ = evaluate.load_clip(str(CLIP))
+    from erasure.evaluate import load_clip
+
+    model, _, _ = load_clip(str(CLIP))
     reference = clip[0].state_dict()
     for key, value in model.state_dict().items():
         assert torch.equal(value, reference[key]), key

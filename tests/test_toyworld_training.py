@@ -218,10 +218,105 @@ def test_clip_trains_resumes_and_loads_through_open_clip(data, loops, tmp_path, 
     with torch.no_grad():
         assert loaded.encode_image(pixels[None]).shape == loaded.encode_text(text).shape == (1, 128)
 
-    evaluate = pytest.importorskip("erasure.evaluate")
-    if hasattr(evaluate, "load_clip"):
-        clip, _, _ = evaluate.load_clip(str(out))
-        assert_same_state(clip.state_dict(), model.state_dict(), "clip via load_clip")
+    from erasure.evaluate import load_clip
+
+    clip, _, _ = load_clip(str(out))
+    assert_same_state(clip.state_dict(), model.state_dict(), "clip via load_clip")
+
+
+def test_denoiser_resumes_to_the_state_an_uninterrupted_run_reaches(data, latents, tokenizer, tmp_path):
+    _, captions, _ = data
+    token_ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+
+    def run(work_dir, quality_check=None):
+        return train.train_denoiser(*latents, token_ids.input_ids, tokenizer, 1.0, StageBudget(3), CPU,
+                                    batch_size=BATCH, work_dir=work_dir, save_every=1, check_every=2,
+                                    quality_check=quality_check)  # fmt: skip
+
+    def interrupt(step, *models):
+        raise KeyboardInterrupt
+
+    run(tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "interrupted", quality_check=interrupt)  # Ctrl-C after step 2 was saved
+    assert torch.load(tmp_path / "interrupted" / "denoiser.pt", weights_only=False)["step"] == 2
+    run(tmp_path / "interrupted")  # the same command again continues from the saved step
+    straight = torch.load(tmp_path / "straight" / "denoiser.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "interrupted" / "denoiser.pt", weights_only=False)
+    assert straight["step"] == resumed["step"] == 3
+    for key in ("unet", "text_encoder", "ema_unet", "ema_text_encoder"):
+        assert_same_state(straight[key], resumed[key], f"resumed {key}")
+
+
+class ConstantUNet(torch.nn.Module):
+    """Predicts the same tensor for every input (a stand-in whose loss can be computed by hand)."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x_t, t, encoder_hidden_states):
+        sample = self.output.expand(x_t.shape[0], -1, -1, -1) + 0 * self.weight
+        return type("UNetOutput", (), {"sample": sample})()
+
+
+def test_denoiser_regresses_v_under_zero_terminal_snr(tokenizer, loops, monkeypatch):
+    """At t = T-1 abar is 0, so x_t is pure noise and the v target sqrt(abar) eps - sqrt(1 - abar) x0 is -x0: a
+    model predicting -x0 there has zero loss, one predicting +x0 has loss mean((2 x0)^2)."""
+    abar, prediction = train.training_noise_schedule(models.SCHEDULER_CONFIG)
+    assert prediction == "v_prediction" and abar[-1] == 0 and abar[0] > 0.99
+    monkeypatch.setattr(torch, "randint", lambda low, high, size, **kwargs: torch.full(size, high - 1))
+    x0 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    mean, std = x0.expand(BATCH, -1, -1, -1).clone(), torch.zeros(BATCH, 4, 16, 16)  # every row's x0 is x0
+    token_ids = tokenizer([""] * BATCH, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    for output, expected in ((-x0, 0.0), (x0, float((2 * x0).pow(2).mean()))):
+        init = (ConstantUNet(output), models.build_text_encoder(tokenizer))
+        train.train_denoiser(mean, std, token_ids, tokenizer, 1.0, StageBudget(1), CPU, batch_size=BATCH, init=init)
+        assert loops[-1]["losses"][0] == pytest.approx(expected, abs=1e-6)
+    # the epsilon schedule's target is the noise, which a constant cannot match
+    init = (ConstantUNet(-x0), models.build_text_encoder(tokenizer))
+    train.train_denoiser(mean, std, token_ids, tokenizer, 1.0, StageBudget(1), CPU, batch_size=BATCH, init=init,
+                         scheduler_config=models.SD_EPSILON_SCHEDULER_CONFIG)  # fmt: skip
+    assert loops[-1]["losses"][0] > 0.5
+
+
+def test_center_vae_latents_is_exact():
+    """Decoding a centred latent gives the old decode of the raw one; encoding shifts the mean by exactly m."""
+    torch.manual_seed(0)
+    vae = models.build_vae().eval()
+    images = torch.rand(3, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        raw = vae.encode(images).latent_dist
+        old_decode = vae.decode(raw.mean).sample
+        m = torch.tensor([0.3, -1.2, 0.8, -0.3])
+        models.center_vae_latents(vae, m)
+        centred = vae.encode(images).latent_dist
+        new_decode = vae.decode(centred.mean).sample
+    torch.testing.assert_close(centred.mean, raw.mean - m.view(1, -1, 1, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(centred.std, raw.std)
+    torch.testing.assert_close(new_decode, old_decode, atol=1e-5, rtol=0)
+
+
+def test_exclude_concept_leaves_no_image_or_caption_of_it(data):
+    images, captions, scenes = train.render_dataset(300, seed=1, workers=1)
+    for name in ("Pip", "striped", "red", "triangle"):
+        kept_images, kept_captions, kept_scenes = train.exclude_concept(images, captions, scenes, [name])
+        assert 0 < len(kept_images) < len(images)
+        assert len(kept_images) == len(kept_captions) == len(kept_scenes)
+        assert not any(train.shows_concept(scene, name) for scene in kept_scenes)
+        assert not any(name.lower() in caption.lower().split() for caption in kept_captions)
+        removed = len(images) - len(kept_images)
+        assert removed == sum(train.shows_concept(scene, name) for scene in scenes), "only the concept's rows go"
+        # the rows kept are the original rows, in order, with their own captions
+        index = [i for i, scene in enumerate(scenes) if not train.shows_concept(scene, name)]
+        np.testing.assert_array_equal(kept_images, images[index])
+        assert kept_captions == [captions[i] for i in index]
+    without_pip = train.exclude_concept(images, captions, scenes, ["pip"])[2]
+    assert all(scene.character != "Pip" for scene in without_pip)
+    assert any(scene.colour == "yellow" and scene.shape == "circle" for scene in without_pip), "objects stay"
+    with pytest.raises(ValueError, match="'Pipp' is not a toy-world concept"):
+        train.exclude_concept(images, captions, scenes, ["Pipp"])
 
 
 def test_render_dataset_chunks_are_seeded():
@@ -243,7 +338,8 @@ def test_save_pipeline_writes_a_stock_sd1_folder(tmp_path, tokenizer, script):
     vae, unet = models.build_vae(), models.build_unet()
     text_encoder = models.build_text_encoder(tokenizer)
     out = tmp_path / "toyworld-sd"
-    script.save_pipeline(out, vae, unet, text_encoder, tokenizer, scaling_factor=0.7)
+    vae.register_to_config(scaling_factor=0.7)
+    script.save_pipeline(out, vae, unet, text_encoder, tokenizer)
 
     files = [p for p in out.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in {".bin", ".pt", ".pth", ".ckpt"}], "safetensors only"
@@ -265,7 +361,12 @@ def test_save_pipeline_writes_a_stock_sd1_folder(tmp_path, tokenizer, script):
     assert isinstance(pipe.scheduler, DDIMScheduler)
     scheduler = pipe.scheduler.config
     assert (scheduler.beta_schedule, scheduler.beta_start, scheduler.beta_end) == ("scaled_linear", 0.00085, 0.012)
-    assert scheduler.num_train_timesteps == 1000 and scheduler.prediction_type == "epsilon"
+    assert scheduler.num_train_timesteps == 1000 and scheduler.prediction_type == "v_prediction"
+    assert scheduler.rescale_betas_zero_snr and scheduler.timestep_spacing == "trailing"
+    # stock diffusers samples with exactly the schedule and parameterisation the denoiser trained with
+    abar, prediction = train.training_noise_schedule(models.SCHEDULER_CONFIG)
+    assert torch.equal(pipe.scheduler.alphas_cumprod, abar) and prediction == scheduler.prediction_type
+    assert abar[-1] == 0, "zero terminal SNR: the last training step is pure noise"
     assert any(name.endswith("attn2") for name, _ in pipe.unet.named_modules())
     assert_same_state(pipe.unet.state_dict(), unet.state_dict(), "unet")
     assert_same_state(pipe.text_encoder.state_dict(), text_encoder.state_dict(), "text_encoder")
@@ -276,8 +377,10 @@ def test_save_pipeline_writes_a_stock_sd1_folder(tmp_path, tokenizer, script):
     assert detect_family(load_pipeline(out)) is ModelFamily.SD1
 
     # saving again replaces the folder atomically
-    script.save_pipeline(out, vae, unet, text_encoder, tokenizer, scaling_factor=0.5)
+    vae.register_to_config(scaling_factor=0.5)
+    script.save_pipeline(out, vae, unet, text_encoder, tokenizer)
     assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == 0.5
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".toyworld-sd")], "no temporary left behind"
 
 
 # --- robustness augmentations (scripts/finetune_toyworld_clip.py) ---------------------------------------------------

@@ -3,7 +3,9 @@
 The pipeline is a standard diffusers ``StableDiffusionPipeline`` (SD 1.x layout): ``AutoencoderKL`` with 4x
 downsampling (64x64 RGB <-> 4x16x16 latents), ``UNet2DConditionModel`` whose cross-attention modules are named
 ``attn2`` as in SD, a ``CLIPTextModel`` with the toy tokenizer (77 tokens, padded with end-of-text like SD 1.x) and
-SD's own DDIM scheduler settings (scaled-linear betas 0.00085..0.012 over 1000 steps, epsilon prediction).
+SD's scaled-linear betas (0.00085..0.012 over 1000 steps) rescaled to zero terminal SNR, with v-prediction and
+trailing DDIM timesteps. The VAE's latents are centred per channel (the shift folded into its 1x1 ``quant_conv`` /
+``post_quant_conv`` biases, :func:`center_vae_latents`), so the pipeline needs nothing beyond stock diffusers.
 """
 
 from __future__ import annotations
@@ -37,17 +39,21 @@ UNET_CONFIG = {
     "sample_size": LATENT_SIZE,
     "in_channels": 4,
     "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    # No attention at 16x16: cross- and self-attention run at 8x8, 4x4 and in the mid block, where a 64-pixel
+    # image's layout and colour are decided; the 16x16 level keeps its ResNets for edges, stripes and faces.
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "block_out_channels": [32, 64, 128],
-    "layers_per_block": 2,
+    "layers_per_block": 1,
     "cross_attention_dim": TEXT_HIDDEN,
-    # diffusers' legacy name for the number of heads per level: 8 heads of width 4, 8 and 16. Width-32 heads
-    # ([1, 2, 4]) were tried from scratch (2,000 steps) and followed prompts no better (see the model card).
-    "attention_head_dim": 8,
+    "attention_head_dim": 4,  # diffusers' legacy name for the number of heads per level
     "norm_num_groups": 32,
 }
 
+# Zero terminal SNR, v-prediction and trailing timesteps (Lin et al. 2024, "Common Diffusion Noise Schedules and
+# Sample Steps are Flawed", sections 3.1-3.4): SD's scaled-linear betas rescaled so that abar_T = 0, so the first
+# sampling step sees pure noise in training too and colour and layout must come from the prompt, not from the
+# image's mean leaking through sqrt(abar_T) x_0; v = sqrt(abar) eps - sqrt(1 - abar) x_0 keeps that step learnable.
 SCHEDULER_CONFIG = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -56,7 +62,9 @@ SCHEDULER_CONFIG = {
     "clip_sample": False,
     "set_alpha_to_one": False,
     "steps_offset": 1,
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "timestep_spacing": "trailing",
 }
 
 # open_clip architecture (registered under CLIP_MODEL_NAME with open_clip.add_model_config). The text tower keeps
@@ -103,11 +111,18 @@ def build_text_encoder(tokenizer):
     return CLIPTextModel(config)
 
 
-def build_scheduler():
-    """SD's DDIM scheduler configuration."""
+# The first toy world's schedule (SD 1.x unchanged), kept for the recipe comparison ``--schedule sd-epsilon``.
+SD_EPSILON_SCHEDULER_CONFIG = {
+    **{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("rescale_betas_zero_snr", "timestep_spacing")},
+    "prediction_type": "epsilon",
+}
+
+
+def build_scheduler(config: dict | None = None):
+    """The toy pipeline's DDIM scheduler (``SCHEDULER_CONFIG`` unless another config is given)."""
     from diffusers import DDIMScheduler
 
-    return DDIMScheduler(**SCHEDULER_CONFIG)
+    return DDIMScheduler(**(config or SCHEDULER_CONFIG))
 
 
 def register_clip_config() -> None:
@@ -132,6 +147,26 @@ def build_clip():
         CLIP_MODEL_NAME, pretrained=None, image_mean=CLIP_PREPROCESS["mean"], image_std=CLIP_PREPROCESS["std"]
     )
     return model, preprocess
+
+
+@torch.no_grad()
+def center_vae_latents(vae, channel_mean: torch.Tensor) -> None:
+    """Shift a VAE's latent space so that its latents have per-channel mean zero, exactly and in place.
+
+    With ``m`` the per-channel mean of the (unscaled) posterior means, the encoder's ``quant_conv`` (a 1x1 conv
+    whose first ``C`` outputs are the posterior mean) gets ``b_q[:C] -= m``, so every latent becomes ``z' = z - m``;
+    the decoder's ``post_quant_conv`` (``W z + b``) gets ``b_pq += W m``, so that ``W z' + b_pq' = W z + b_pq``:
+    decoding a centred latent gives exactly the old decode of the raw one. The posterior's variance is untouched.
+
+    Args:
+        vae: A diffusers ``AutoencoderKL`` with ``quant_conv`` and ``post_quant_conv`` (SD's layout).
+        channel_mean: ``[C]`` per-channel mean of the raw posterior means, in unscaled latent units.
+    """
+    channels = channel_mean.numel()
+    mean = channel_mean.to(vae.quant_conv.bias.device, vae.quant_conv.bias.dtype)
+    vae.quant_conv.bias[:channels] -= mean
+    weight = vae.post_quant_conv.weight[:, :, 0, 0]  # [C_out, C]
+    vae.post_quant_conv.bias += weight @ mean
 
 
 ORACLE_HEADS: dict[str, tuple[str, ...]] = {

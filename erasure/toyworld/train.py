@@ -53,6 +53,52 @@ def render_dataset(count: int, seed: int, workers: int | None = None, chunk: int
     return images, captions, scenes
 
 
+def concept_names() -> dict[str, str]:
+    """Every concept word of the world, lower-cased, mapped to its spelling (``"pip" -> "Pip"``)."""
+    from erasure.toyworld.render import CHARACTERS, COLOURS, SHAPES, STYLES
+
+    return {name.lower(): name for name in (*CHARACTERS, *COLOURS, *SHAPES, *STYLES)}
+
+
+def shows_concept(scene, name: str) -> bool:
+    """Whether ``scene`` shows the concept ``name`` (a character, colour, shape or style; case-insensitive).
+
+    A character's scene shows its colour and shape too: a render of Pip is an image of a yellow circle.
+    """
+    labels = scene.labels()
+    values = {str(labels[key]).lower() for key in ("character", "colour", "shape", "style")}
+    return name.lower() in values
+
+
+def exclude_concept(images: np.ndarray, captions: list[str], scenes: list, names: list[str]):
+    """Drop every example whose image shows, or whose caption names, one of the concepts ``names``.
+
+    Args:
+        images: uint8 images ``(N, 64, 64, 3)``.
+        captions: Their captions.
+        scenes: Their scenes.
+        names: Concept words of the world (``Pip``, ``red``, ``striped``, ``triangle`` ...).
+
+    Returns:
+        ``(images, captions, scenes)`` without those examples (the rest in their original order).
+
+    Raises:
+        ValueError: If a name is not a concept of the toy world.
+    """
+    known = concept_names()
+    unknown = [name for name in names if name.lower() not in known]
+    if unknown:
+        raise ValueError(
+            f"--exclude-concept {unknown[0]!r} is not a toy-world concept; known: {sorted(known.values())}"
+        )
+    keep = []
+    for row, (text, scene) in enumerate(zip(captions, scenes, strict=True)):
+        words = set(text.lower().split())
+        if not any(shows_concept(scene, name) or name.lower() in words for name in names):
+            keep.append(row)
+    return images[keep], [captions[row] for row in keep], [scenes[row] for row in keep]
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
@@ -202,6 +248,7 @@ class StageBudget:
 
 
 def _save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -216,11 +263,13 @@ def _loop(
     start_step: int = 0,
     save_every: int = 500,
     log_every: int = 100,
+    on_step: Callable[[int], None] | None = None,
 ) -> list[tuple[int, float]]:
     """Run ``step_fn(step, progress)`` until the budget is spent; returns the logged ``(step, mean loss)`` curve.
 
     ``progress`` in [0, 1] is the larger of the step fraction and the time fraction of the budget, so learning-rate
-    schedules finish their decay whichever limit ends the stage.
+    schedules finish their decay whichever limit ends the stage. ``on_step(step)``, when given, runs after every
+    completed step (the denoiser's periodic quality check), after the state is saved.
     """
     curve: list[tuple[int, float]] = []
     started = time.monotonic()
@@ -241,6 +290,8 @@ def _loop(
             running, count = 0.0, 0
         if work_dir is not None and step % save_every == 0:
             _save_state(work_dir / f"{name}.pt", {"step": step, **state_fn()})
+        if on_step is not None:
+            on_step(step)
     bar.close()
     if work_dir is not None:
         _save_state(work_dir / f"{name}.pt", {"step": step, "finished": True, **state_fn()})
@@ -366,13 +417,34 @@ class EMA:
                 shadow.lerp_(live, 1 - decay)
 
 
+def training_noise_schedule(scheduler_config: dict) -> tuple[torch.Tensor, str]:
+    """``(abar_t for t = 0..T-1, prediction type)`` that the denoiser trains with, from a DDIM scheduler config.
+
+    Built by diffusers' own ``DDPMScheduler`` from the same config the saved pipeline's ``DDIMScheduler`` loads, so
+    training and stock sampling share one schedule (zero-terminal-SNR rescaling included).
+    """
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler(
+        **{k: v for k, v in scheduler_config.items() if k not in ("set_alpha_to_one", "steps_offset")}
+    )
+    return scheduler.alphas_cumprod.clone(), str(scheduler_config.get("prediction_type", "epsilon"))
+
+
 def train_denoiser(latent_mean, latent_std, token_ids, tokenizer, scaling_factor, budget, device, seed=0,
-                   batch_size=1024, lr=5e-4, ema_decay=0.995, work_dir=None, init=None, text_targets=None,
-                   text_aux_weight=0.1):  # fmt: skip
-    """Train UNet and text encoder jointly on the epsilon-prediction loss of SD (Ho et al. 2020, eq. 14).
+                   batch_size=64, lr=1e-3, ema_decay=0.999, work_dir=None, init=None, text_targets=None,
+                   text_aux_weight=0.1, warmup_steps=100, quality_check=None, check_every=500, save_every=500,
+                   scheduler_config=None, offset_noise=0.0, high_noise_fraction=0.0):  # fmt: skip
+    """Train UNet and text encoder jointly on the diffusion loss of the toy pipeline's noise schedule.
+
+    The schedule and parameterisation are ``SCHEDULER_CONFIG``'s: with ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t)
+    eps`` (Ho et al. 2020, eq. 4) the UNet regresses ``eps`` (eq. 14) for ``epsilon`` models or
+    ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0`` (Salimans & Ho 2022, section 4) for ``v_prediction`` models,
+    with ``t`` uniform on ``[0, 1000)``. Under zero terminal SNR (``abar_999 = 0``) the v-loss at the last step is
+    ``|v_hat + x_0|^2``: the model must draw the whole image from the prompt alone, as it must at sampling time.
 
     Args:
-        latent_mean: VAE posterior means of the training images, ``(N, 4, 16, 16)``.
+        latent_mean: VAE posterior means of the training images, ``(N, 4, 16, 16)`` (centred VAE).
         latent_std: VAE posterior standard deviations, same shape.
         token_ids: Token ids of each image's caption, ``(N, 77)``.
         tokenizer: The toy tokenizer (sizes the text encoder's vocabulary).
@@ -381,32 +453,37 @@ def train_denoiser(latent_mean, latent_std, token_ids, tokenizer, scaling_factor
         device: Training device.
         seed: Seed of weights, batches and noise.
         batch_size: Images per step.
-        lr: Peak learning rate (warm-up 200 steps, cosine to 10%).
+        lr: Peak learning rate (linear warm-up over ``warmup_steps``, cosine to 10%).
         ema_decay: EMA decay of the shadow weights.
         work_dir: Folder for resumable training state, or ``None``.
+        init: Optional ``(unet, text_encoder)`` to continue from (a previous run's weights); fresh ones otherwise.
         text_targets: Optional class indices per attribute (``scene_targets``; ``-1`` for empty captions). When
             given, linear heads on the text encoder's mean token state classify the caption's attributes, an
             auxiliary loss (weight ``text_aux_weight``) that keeps colour, shape, style and character words apart in
-            the text encoder's output; without it, joint training from scratch left "red" and "purple" at cosine
-            0.99 and the generator confused colours. The heads are discarded after training.
+            the text encoder's output (joint training from scratch can otherwise leave two colour words nearly
+            collinear). The heads are discarded after training.
         text_aux_weight: Weight of that auxiliary cross-entropy.
-        init: Optional ``(unet, text_encoder)`` to continue from (a previous run's weights); fresh ones otherwise.
+        warmup_steps: Steps of linear learning-rate warm-up.
+        quality_check: Optional ``quality_check(step, unet, text_encoder, ema)`` called every ``check_every``
+            steps and at the end (the driver generates a small prompt set and logs the oracle's verdicts).
+        check_every: Steps between quality checks.
+        save_every: Steps between saves of the resumable state (and at the end).
+        scheduler_config: The noise schedule (a ``DDIMScheduler`` config); ``SCHEDULER_CONFIG`` by default.
+        offset_noise: Standard deviation of a per-channel constant added to the noise (offset noise), which lets
+            an epsilon model under SD's schedule learn to change an image's mean.
+        high_noise_fraction: Share of each batch whose ``t`` is drawn from ``[600, 1000)`` instead of ``[0, 1000)``
+            (more weight on the steps where colour and layout are decided, for epsilon models).
 
     Returns:
         ``(unet, text_encoder, ema)`` with the raw weights in the first two and the EMA copies in ``ema.shadow``.
     """
-    from diffusers import DDPMScheduler
-
     from erasure.toyworld.models import SCHEDULER_CONFIG, build_text_encoder, build_unet
 
     torch.manual_seed(seed)
     unet, text_encoder = init if init is not None else (build_unet(), build_text_encoder(tokenizer))
     unet, text_encoder = unet.to(device).train(), text_encoder.to(device).train()
-    noise_scheduler = DDPMScheduler(
-        **{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one", "steps_offset")}
-    )
-    from erasure.toyworld.models import ORACLE_HEADS
-
+    alphas, prediction_type = training_noise_schedule(scheduler_config or SCHEDULER_CONFIG)
+    alphas = alphas.to(device)
     hidden = text_encoder.config.hidden_size
     heads = torch.nn.ModuleDict(
         {name: torch.nn.Linear(hidden, len(ORACLE_HEADS[name])) for name in (text_targets or {})}
@@ -414,40 +491,56 @@ def train_denoiser(latent_mean, latent_std, token_ids, tokenizer, scaling_factor
     parameters = list(unet.parameters()) + list(text_encoder.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-2)
     ema = EMA({"unet": unet, "text_encoder": text_encoder}, ema_decay)
-    start = _resume(work_dir, "denoiser", {"unet": unet, "text_encoder": text_encoder,
-                                            "ema_unet": ema.shadow["unet"],
-                                            "ema_text_encoder": ema.shadow["text_encoder"],
-                                            **({"text_heads": heads} if heads else {})}, optimizer)  # fmt: skip
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema.shadow["unet"],
+               "ema_text_encoder": ema.shadow["text_encoder"], **({"text_heads": heads} if heads else {})}  # fmt: skip
+    start = _resume(work_dir, "denoiser", modules, optimizer)
+    # Random streams are re-seeded from (seed, step) so that a resumed run draws what an uninterrupted one would.
     generator = torch.Generator().manual_seed(seed)
     device_generator = torch.Generator(device).manual_seed(seed)
-    batches = _batches(len(latent_mean), batch_size, generator)
-    alphas = noise_scheduler.alphas_cumprod.to(device)
+    permutation: dict[str, torch.Tensor] = {}
+
+    def batch_rows(index: int) -> torch.Tensor:
+        per_epoch = math.ceil(len(latent_mean) / batch_size)
+        epoch, position = divmod(index, per_epoch)
+        if permutation.get("epoch") != epoch:
+            generator.manual_seed(seed * 1_000_003 + epoch)
+            permutation["epoch"], permutation["rows"] = epoch, torch.randperm(len(latent_mean), generator=generator)
+        return permutation["rows"][position * batch_size : (position + 1) * batch_size]
 
     def step(index: int, progress: float) -> float:
         unet.train()
         text_encoder.train()
-        rows = next(batches).to(latent_mean.device)
+        device_generator.manual_seed(seed * 1_000_003 + index)
+        rows = batch_rows(index)
         mean, std = latent_mean[rows].to(device), latent_std[rows].to(device)
         x0 = (mean + std * torch.randn(mean.shape, generator=device_generator, device=device)) * scaling_factor
         noise = torch.randn(x0.shape, generator=device_generator, device=device)
-        t = torch.randint(0, 1000, (x0.shape[0],), generator=device_generator, device=device)
+        if offset_noise:
+            offset = torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=device_generator, device=device)
+            noise = noise + offset_noise * offset
+        t = torch.randint(0, len(alphas), (x0.shape[0],), generator=device_generator, device=device)
+        if high_noise_fraction:
+            high = torch.rand(x0.shape[0], generator=device_generator, device=device) < high_noise_fraction
+            t = torch.where(high, 600 + t * 400 // len(alphas), t)
         a = alphas[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * x0 if prediction_type == "v_prediction" else noise
         with _autocast(device):
-            context = text_encoder(token_ids[rows.cpu()].to(device))[0]
+            context = text_encoder(token_ids[rows].to(device))[0]
             prediction = unet(x_t, t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(prediction.float(), noise)
+        loss = F.mse_loss(prediction.float(), target)
         if heads:
             summary = context[:, 1:].float().mean(dim=1)
             for name, head in heads.items():
-                targets = text_targets[name][rows.cpu()].to(device)
+                targets = text_targets[name][rows].to(device)
                 if (targets >= 0).any():  # a batch of only empty captions has nothing to classify
                     loss = loss + text_aux_weight * F.cross_entropy(head(summary), targets, ignore_index=-1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        warmup = min(1.0, (index + 1) / max(1, warmup_steps))
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (index + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+            group["lr"] = lr * warmup * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
         optimizer.step()
         ema.update(index)
         return loss.item()
@@ -462,8 +555,14 @@ def train_denoiser(latent_mean, latent_std, token_ids, tokenizer, scaling_factor
             "optimizer": optimizer.state_dict(),
         }
 
-    _loop("denoiser", budget, step, state, work_dir, start)
-    return unet.eval(), text_encoder.eval(), ema
+    def check(step_done: int) -> None:
+        if quality_check is not None and step_done % check_every == 0:
+            quality_check(step_done, unet.eval(), text_encoder.eval(), ema)
+
+    _loop("denoiser", budget, step, state, work_dir, start, save_every=save_every, on_step=check)
+    unet.eval()
+    text_encoder.eval()
+    return unet, text_encoder, ema
 
 
 def train_clip(images, scenes, captions, budget, device, seed=0, batch_size=1024, lr=1e-3, work_dir=None,
