@@ -15,14 +15,16 @@ judged twice, by the oracle (a CNN trained on renders) and zero-shot by the toy 
 * neighbour ratio: edited / base neighbour rate, and ``kept``: the fraction of neighbour images right at base that
   are still right after the edit (paired by seed).
 
-The toy generator follows prompts imperfectly (colour 60%, shape 72%, style 90%, character 88%; g 8), so only
-base-versus-edited comparisons on the same seeds are meaningful. Goals (from the issue): target rate <= 5% with
-neighbours keeping >= 95% of their base rate.
+Base and edited models generate from the same prompts and seeds, so the comparison is paired; the generator's own
+accuracy is in its model card. Goals (from the issue): target rate <= 5% with neighbours keeping >= 95% of their
+base rate. Every run also records the UNet work of the erasure (``unet_rows``: batch rows of every UNet forward
+made by ``method.apply``, with and without gradients) and its wall time, so "work for equal erasure" is read off
+one table; ``NAME@LABEL`` runs one method under several settings in one call.
 
 Examples::
 
     python scripts/measure_toyworld_erasure.py --methods uce --out runs/measure/uce.json
-    python scripts/measure_toyworld_erasure.py --methods esd-x --set esd-x.preset=diffusers --out esd.json
+    python scripts/measure_toyworld_erasure.py --methods esd-x esd-x@fast --set esd-x@fast.preset=fast
     python scripts/measure_toyworld_erasure.py --methods uce --concepts red --set uce.erase_scale=2 --seeds 2
 """
 
@@ -63,7 +65,11 @@ PACKAGES = ("erasure", "torch", "diffusers", "transformers", "open_clip_torch", 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="registered method names")
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS),
+        help="registered method names; NAME@LABEL runs NAME again under another label (esd-x@fast with "
+             "--set esd-x@fast.preset=fast)",
+    )  # fmt: skip
     parser.add_argument("--concepts", nargs="+", default=list(CONCEPTS), help="toy concept names or .toml files")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="METHOD.FIELD=VALUE",
@@ -76,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=64, help="target images per prompt set when --seeds is unset")
     parser.add_argument("--first-seed", type=int, default=1000, help="image i has seed first-seed + i")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale")
+    parser.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (diffusers')")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--batch-size", type=int, default=32, help="generation batch size")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -161,6 +167,7 @@ def rates(base: list[dict], edited: list[dict], prompts: list[str], target: tupl
     return {
         "target_base": float(np.mean(on_target[0])),
         "target_edited": float(np.mean(on_target[1])),
+        "target_edited_ci95": rate_interval(on_target[1]),
         "target_values_edited": dict(Counter(v[attribute] for v in edited[:n_target]).most_common()),
         "neighbour_base": base_rate,
         "neighbour_edited": edited_rate,
@@ -172,6 +179,15 @@ def rates(base: list[dict], edited: list[dict], prompts: list[str], target: tupl
         "target_images": n_target,
         "neighbour_images": len(prompts),
     }
+
+
+def rate_interval(hits: list[bool], draws: int = 2000) -> list[float] | None:
+    """95% bootstrap interval of a rate (images resampled with replacement)."""
+    if not hits:
+        return None
+    values = np.asarray(hits, dtype=float)
+    rows = np.random.default_rng(0).integers(len(values), size=(draws, len(values)))
+    return [float(x) for x in np.quantile(values[rows].mean(-1), [0.025, 0.975])]
 
 
 def ratio_interval(before: list[bool], after: list[bool], draws: int = 2000) -> list[float] | None:
@@ -300,9 +316,20 @@ def measure_method(
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Erase ``concept`` with method ``name``, generate the held-out images with the edit and judge them."""
     prompts, seeds, n_target, _ = case
-    method = get_method(name, **overrides)
+    method = get_method(registered_name(name), **overrides)
+    rows = {"unet_rows": 0, "unet_rows_with_grad": 0, "unet_forwards": 0}
+
+    def count_rows(module: Any, inputs: tuple) -> None:  # UNet work: batch rows of every forward
+        rows["unet_forwards"] += 1
+        rows["unet_rows"] += int(inputs[0].shape[0])
+        rows["unet_rows_with_grad"] += int(inputs[0].shape[0]) if torch.is_grad_enabled() else 0
+
+    hook = pipe.unet.register_forward_pre_hook(count_rows)
     started = time.monotonic()
-    edit = method.apply(pipe, EraseRequest((concept,)), progress=args.progress, base_model=args.model)
+    try:
+        edit = method.apply(pipe, EraseRequest((concept,)), progress=args.progress, base_model=args.model)
+    finally:
+        hook.remove()
     erase_seconds = time.monotonic() - started
     edit.apply_to(pipe)
     try:
@@ -319,6 +346,7 @@ def measure_method(
         "config": method.config.to_dict(),
         "overrides": overrides,
         "erase_seconds": round(erase_seconds, 1),
+        **rows,
         "generate_seconds": round(generate_seconds, 1),
         "edited_tensors": len(edit.deltas),
         "edit_stats": edit.config.get("stats", {}),
@@ -328,6 +356,11 @@ def measure_method(
     }
     result["meets_goals"] = {j: meets_goals(r) for j, r in result["judges"].items()}
     return result, images
+
+
+def registered_name(label: str) -> str:
+    """``esd-x@fast`` -> ``esd-x``: the method a label runs."""
+    return label.split("@", 1)[0]
 
 
 def concept_path(name: str) -> Path:
@@ -342,18 +375,40 @@ def format_row(result: dict[str, Any]) -> str:
         ratio = "   -" if r["neighbour_ratio"] is None else f"{r['neighbour_ratio']:4.2f}"
         kept = "   -" if r["neighbour_kept"] is None else f"{r['neighbour_kept']:4.2f}"
         lines.append(
-            f"{result['method']:<10} {result['concept']:<9} {judge:<6} "
+            f"{result['method']:<14} {result['concept']:<9} {judge:<6} "
             f"{r['target_base']:5.1%} -> {r['target_edited']:5.1%}   {r['neighbour_base']:5.1%} -> "
             f"{r['neighbour_edited']:5.1%}  {ratio}  {kept}  {result['erase_seconds']:7.1f}  "
+            f"{result['unet_rows']:8d}  "
             f"{ {True: 'yes', False: 'no', None: 'n/a'}[result['meets_goals'][judge]] }"
         )
     return "\n".join(lines)
 
 
 HEADER = (
-    f"{'method':<10} {'concept':<9} {'judge':<6} {'target base->edited':<19}  {'neighbours base->edited':<23} "
-    "ratio  kept  erase_s  goal"
+    f"{'method':<14} {'concept':<9} {'judge':<6} {'target base->edited':<19}  {'neighbours base->edited':<23} "
+    "ratio  kept  erase_s  unet_rows  goal"
 )
+
+
+def markdown_row(result: dict[str, Any]) -> str:
+    """One README table row: method, concept, then per judge target rate base -> edited [95%] and ratio [95%]."""
+
+    def interval(values: list[float] | None, percent: bool) -> str:
+        if not values:
+            return ""
+        low, high = values
+        return f" [{low:.0%}, {high:.0%}]" if percent else f" [{low:.2f}, {high:.2f}]"
+
+    cells = [result["method"], result["concept"]]
+    for judge in ("oracle", "clip"):
+        r = result["judges"][judge]
+        goal = result["meets_goals"][judge] and judge == "oracle"
+        target = f"{r['target_base']:.0%} → {r['target_edited']:.0%}{interval(r.get('target_edited_ci95'), True)}"
+        ratio = "-" if r["neighbour_ratio"] is None else f"{r['neighbour_ratio']:.2f}"
+        ratio += interval(r.get("neighbour_ratio_ci95"), False)
+        cells += [f"**{target}**" if goal else target, f"**{ratio}**" if goal else ratio]
+    cells.append(f"{result['unet_rows']:,}")
+    return "| " + " | ".join(cells) + " |"
 
 
 def versions() -> dict[str, str]:
@@ -374,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     overrides = parse_overrides(args.overrides, args.methods)
     for name in args.methods:
-        get_method(name, **overrides[name])  # fail on a bad name or option before any work
+        get_method(registered_name(name), **overrides[name])  # fail on a bad name or option before any work
     pipe, oracle, clip_judge = load_models(args)
     report: dict[str, Any] = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -410,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             report["runs"].append({"concept_file": str(concept_path(concept_name)), **result})
             print(format_row(result), flush=True)
+            print("  " + markdown_row(result), flush=True)
             args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         if args.grids:
             save_grid(args.grids, concept, columns, prompts, seeds, n_target)
