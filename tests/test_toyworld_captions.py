@@ -17,7 +17,7 @@ SHAPE = "|".join(SHAPES)
 NAME = "|".join(CHARACTERS)
 CAPTION_RE = re.compile(
     rf"^(?:(?P<template>a picture of |an image of |a drawing of ))?"
-    rf"(?:(?P<name>{NAME})|a (?:(?P<style>striped|outlined) )?(?P<colour>{COLOUR}) (?P<shape>{SHAPE}))$"
+    rf"(?:(?P<name>{NAME})|(?P<article>an?) (?:(?P<style>striped|outlined) )?(?P<colour>{COLOUR}) (?P<shape>{SHAPE}))$"
 )
 
 
@@ -25,6 +25,9 @@ def parse(text):
     """Labels a caption states (the spec's grammar, written independently of the code)."""
     match = CAPTION_RE.match(text)
     assert match, f"caption {text!r} does not follow the spec's grammar"
+    if match["article"]:  # English: "an" before a vowel ("an outlined"), "a" otherwise ("a striped", "a red")
+        following = match["style"] or match["colour"]
+        assert match["article"] == ("an" if following[0] in "aeiou" else "a"), f"{text!r}: wrong article"
     if match["name"]:
         colour, shape = CHARACTERS[match["name"]]
         return {"character": match["name"], "colour": colour, "shape": shape, "style": "plain"}
