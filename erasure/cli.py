@@ -509,7 +509,8 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     import math
 
-    from erasure.edit import Edit, atomic_output, save_lora
+    from erasure.edit import Edit, save_lora
+    from erasure.files import atomic_path
     from erasure.pipeline import load_pipeline, save_single_file
 
     if args.out.exists():
@@ -529,7 +530,7 @@ def _run_export(args: argparse.Namespace) -> int:
         raise ValueError("the edit records no base model; pass --model")
     pipe = load_pipeline(model, device=_device(args.device))
     edit.apply_to(pipe, scale=args.scale, max_relative_change=_max_relative_change(args))
-    with atomic_output(args.out) as temporary:
+    with atomic_path(args.out, overwrite=False) as temporary:
         if args.format == "diffusers":
             pipe.save_pretrained(temporary, safe_serialization=True)
         else:

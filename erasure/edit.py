@@ -17,9 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -29,6 +26,7 @@ import torch
 from torch import Tensor
 
 from erasure import __version__
+from erasure.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +37,6 @@ __all__ = [
     "Edit",
     "EditFormatError",
     "FingerprintMismatchError",
-    "atomic_output",
     "fingerprint",
     "lora_state_dict",
     "pipeline_tensor",
@@ -55,6 +52,7 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 #: A delta larger than this many times its base tensor (root-mean-square values) is refused when applied: no method of
 #: the field moves a tensor that far, and a tampered or diverged edit does (``max_relative_change`` overrides).
+STATE_DICT_METHOD = "state_dict"  # the method name of an edit made from a peer's tensors (from_state_dict)
 MAX_RELATIVE_CHANGE = 10.0
 #: Sizes are root-mean-square values; a base tensor smaller than this counts as this size.
 RMS_FLOOR = 0.01
@@ -241,6 +239,59 @@ class Edit:
         self._pipe_ref = None
         self.applied_scale = None
 
+    @contextlib.contextmanager
+    def applied(
+        self, pipe: Any, scale: float = 1.0, check: bool = True, max_relative_change: float = MAX_RELATIVE_CHANGE
+    ) -> Iterator[Any]:
+        """Apply the edit for the duration of a ``with`` block and revert it after, also when the block fails.
+
+        Arguments as :meth:`apply_to`. Yields ``pipe``.
+        """
+        self.apply_to(pipe, scale=scale, check=check, max_relative_change=max_relative_change)
+        try:
+            yield pipe
+        finally:
+            self.revert(pipe)
+
+    @classmethod
+    def from_state_dict(
+        cls, state: Mapping[str, Tensor], pipe: Any, component: str = "unet", source: str = ""
+    ) -> Edit:
+        """The edit that turns ``pipe``'s current weights into ``state`` (a peer's partial state dict).
+
+        ``delta = state[name] - W[name]`` for each tensor, computed in float64 and stored in float32, so applying the
+        edit reproduces the peer's tensors up to float32 rounding (exactly where a value is within a factor of two
+        of the base's, by Sterbenz's lemma). The base fingerprint is taken from ``pipe``, so the edit refuses
+        any other base model.
+
+        Args:
+            state: ``{parameter name of component: tensor}`` (diffusers names, no component prefix).
+            pipe: The base pipeline the state dict was made from.
+            component: Which pipeline component the names belong to (``unet`` or ``text_encoder``).
+            source: Where the tensors came from (a file path), recorded in the config.
+
+        Raises:
+            KeyError: If a name is not a tensor of the component.
+            ValueError: If a shape differs from the model's.
+        """
+        deltas, current = {}, {}
+        for name, tensor in state.items():
+            key = f"{component}.{name}"
+            parameter = pipeline_tensor(pipe, key)
+            if tuple(tensor.shape) != tuple(parameter.shape):
+                raise ValueError(
+                    f"{name} has shape {tuple(tensor.shape)} but the model's has {tuple(parameter.shape)}; "
+                    "the tensors come from a different base model."
+                )
+            current[key] = parameter
+            deltas[key] = (tensor.detach().double().cpu() - parameter.detach().double().cpu()).float()
+        config = {
+            "method": STATE_DICT_METHOD,
+            "method_config": {"source": str(source), "component": component},
+            "base_fingerprint": fingerprint(current),
+        }
+        return cls(deltas, config)
+
     # -- files -----------------------------------------------------------------------------------------------
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
@@ -278,27 +329,12 @@ class Edit:
                     f"{folder} already holds an edit; choose another output folder, or replace it with "
                     "overwrite=True (erasure erase --overwrite)."
                 )
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-        try:
+        with atomic_path(folder) as temporary:
+            temporary.mkdir()
             tensors = {key: delta.contiguous() for key, delta in self.deltas.items()}
             save_file(tensors, str(temporary / WEIGHTS_NAME), metadata={"format": "pt", "kind": "erasure-edit"})
             text = json.dumps(_json_safe(self.config), indent=2, sort_keys=True)
             (temporary / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
-            if folder.exists():
-                trash = folder.parent / f".{folder.name}.old-{os.getpid()}-{id(self)}"
-                os.replace(folder, trash)
-                try:
-                    os.replace(temporary, folder)
-                except BaseException:
-                    os.replace(trash, folder)
-                    raise
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(temporary, folder)
-        finally:
-            if temporary.exists():
-                shutil.rmtree(temporary, ignore_errors=True)
         logger.info("Saved %r to %s.", self, folder)
         return folder
 
@@ -342,10 +378,10 @@ class Edit:
 
 
 def known_method_names() -> set[str]:
-    """Names an edit config may give as its ``method``: the registered methods and ``stack``."""
+    """Names an edit config may give as its ``method``: the registered methods, ``stack`` and ``state_dict``."""
     from erasure.methods import METHODS
 
-    return {*METHODS, "stack"}
+    return {*METHODS, "stack", STATE_DICT_METHOD}
 
 
 def validate_edit(
@@ -449,6 +485,11 @@ def replay(folder_or_config: str | Path | Mapping[str, Any], pipe: Any, **apply_
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise EditFormatError(f"Cannot read the edit config {path}: {error}") from error
+    if config.get("method") == STATE_DICT_METHOD:
+        raise EditFormatError(
+            "This edit was made from a state dict (Edit.from_state_dict), not by a method; there is nothing to "
+            "replay: apply it with Edit.apply_to."
+        )
     if config.get("method") == "stack":
         return stack(replay(part["config"], pipe, **apply_kwargs) for part in config["parts"])
     for name in ("method", "method_config", "request"):
@@ -458,31 +499,6 @@ def replay(folder_or_config: str | Path | Mapping[str, Any], pipe: Any, **apply_
     request = EraseRequest.from_dict(config["request"])
     apply_kwargs.setdefault("base_model", config.get("base_model", ""))
     return method.apply(pipe, request, **apply_kwargs)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Write to a temporary path beside ``path``, renamed to ``path`` only when the block succeeds.
-
-    A crash or error inside the block leaves nothing behind. The temporary path does not exist yet: create a file
-    or a folder there.
-
-    Raises:
-        FileExistsError: If ``path`` exists (nothing is overwritten).
-    """
-    path = Path(path)
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; choose another output path or remove it first.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    temporary = holder / path.name
-    try:
-        yield temporary
-        if not temporary.exists():
-            raise RuntimeError(f"Nothing was written for {path}.")
-        os.replace(temporary, path)
-    finally:
-        shutil.rmtree(holder, ignore_errors=True)
 
 
 def _lora_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -565,7 +581,7 @@ def save_lora(edit: Edit, folder: str | Path, rank: int) -> tuple[Path, list[str
     state, config, skipped = lora_state_dict(edit, rank)
     if not state:
         raise ValueError("This edit has no linear or convolution weight deltas, so it has no LoRA form.")
-    with atomic_output(folder) as temporary:
+    with atomic_path(folder, overwrite=False) as temporary:
         temporary.mkdir()
         about = {k: edit.config.get(k) for k in ("method", "base_model", "family", "base_fingerprint")}
         metadata = {"format": "pt", "erasure_edit": json.dumps(_json_safe(about))}

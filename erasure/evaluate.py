@@ -99,6 +99,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from erasure import __version__
+from erasure.files import to_pil
 from erasure.prompt_sets import ROLES, PromptRow, role_of
 
 logger = logging.getLogger(__name__)
@@ -554,17 +555,6 @@ def _load_clip_folder(folder: Path, device: str | torch.device) -> tuple[torch.n
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _as_pil(image: Any):
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 (H, W, 3) arrays or PIL images, got dtype {array.dtype}")
-    return Image.fromarray(array)
-
-
 def _is_features(value: Any) -> bool:
     return isinstance(value, Tensor) and value.ndim == 2 and value.is_floating_point()
 
@@ -634,7 +624,7 @@ class Evaluator:
         images = list(images)
         out = []
         for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.preprocess(_as_pil(im)) for im in images[start : start + self.batch_size]])
+            batch = torch.stack([self.preprocess(to_pil(im)) for im in images[start : start + self.batch_size]])
             features = self.model.encode_image(batch.to(self.device, self._dtype()))
             out.append(F.normalize(features.float(), dim=-1).cpu())
         if not out:
@@ -1007,7 +997,7 @@ class ImageJob:
     @property
     def filename(self) -> str:
         """``{case_number}_{sample}.png``."""
-        from erasure.generate import image_filename
+        from erasure.files import image_filename
 
         return image_filename(self.row.case_number, self.sample)
 
@@ -1107,7 +1097,7 @@ def _shard(state: Any, jobs: list[ImageJob]) -> list[ImageJob]:
 
 
 def _image_folder_models(folder: Path) -> list[Path]:
-    from erasure.generate import IMAGE_SUFFIXES, MANIFEST_NAME
+    from erasure.files import IMAGE_SUFFIXES, MANIFEST_NAME
 
     def holds_images(path: Path) -> bool:
         return (path / MANIFEST_NAME).is_file() or any(
@@ -1233,7 +1223,7 @@ def run_evaluation(
         EvaluationError: For bad input (and its subclasses, as ``ClipLoadError``); also the loaders' errors
             (``PipelineLoadError``, ``EditFormatError``, ``FingerprintMismatchError``, ``ImageFolderError``).
     """
-    from erasure.generate import read_image_folder
+    from erasure.files import read_image_folder
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -1339,7 +1329,7 @@ def run_evaluation(
             work, entries, jobs, features, evaluator, clip_name, clip_tag, templates, generation, images_per_row,
             prompt_source, state.num_processes,
         )  # fmt: skip
-        from erasure.generate import replace_folder
+        from erasure.files import replace_folder
 
         replace_folder(work, out)
         return out
@@ -1438,7 +1428,8 @@ def _producer(
     """A function yielding ``(jobs, uint8 images)`` batches for a model, writing generated images to ``work``."""
     from tqdm.auto import tqdm
 
-    from erasure.generate import generate, load_image, write_image
+    from erasure.files import load_image, write_image
+    from erasure.generate import generate
 
     def produce(jobs: list[ImageJob]) -> Iterator[tuple[list[ImageJob], np.ndarray]]:
         batches = range(0, len(jobs), batch_size)
@@ -1521,7 +1512,7 @@ def _write_reports(
     prompt_source: PromptSource | None,
     num_processes: int,
 ) -> None:
-    from erasure.generate import write_manifest
+    from erasure.files import write_manifest
     from erasure.prompt_sets import rows_as_dicts
 
     versions = package_versions()

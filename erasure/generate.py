@@ -1,25 +1,21 @@
-"""Seeded, batched image generation, and image folders with a manifest.
+"""Seeded, batched image generation: the one path from prompts and seeds to images, for a model and its edits.
 
 * :func:`generate`: one ``torch.Generator`` per image, so the initial noise of an image depends on its seed alone,
   never on the batch it is drawn in. The denoising arithmetic of batched kernels can still differ in the last bits
   of float32 between batch sizes (on the order of 1e-6 on CPU), so an image generated in another batch size equals
   the original up to float rounding: at most one step of the uint8 scale, in rare pixels.
-* :func:`save_images` writes images as ``{case_number}_{i}.png`` (the naming of ESD's and UCE's evaluation scripts)
-  with a ``manifest.json`` describing each image (prompt, seed, ...), atomically: into a temporary folder that is
-  then renamed into place. :func:`read_image_folder` reads such a folder back, or any folder of PNG/JPEG images.
+* :func:`generate_paired` / :func:`iter_generate_paired`: the base model and each edit on the same prompts and
+  seeds (each edit applied alone, reverted after its images, also on failure). The evaluator, the grid, the demo
+  and the measurement scripts all generate through it, so "base vs edited" means one thing everywhere.
+
+Image folders (saving and reading images with a manifest) live in :mod:`erasure.files`.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,11 +23,6 @@ import torch
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "erasure-images/1"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-_CASE_NAME = re.compile(r"^(-?\d+)_(\d+)$")
 
 
 def image_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -45,7 +36,7 @@ def generate(
     prompts: Sequence[str],
     seeds: Sequence[int],
     steps: int = 25,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | Sequence[float] = 7.5,
     batch_size: int = 16,
     height: int | None = None,
     width: int | None = None,
@@ -62,7 +53,8 @@ def generate(
         prompts: One prompt per image.
         seeds: One seed per image.
         steps: Denoising steps of the pipeline's scheduler.
-        guidance_scale: Classifier-free guidance scale.
+        guidance_scale: Classifier-free guidance scale, or one per image (a batch is split into runs of equal
+            scale, so each pipeline call has one).
         batch_size: Images per pipeline call.
         height: Image height (default: the pipeline's native size).
         width: Image width (default: the pipeline's native size).
@@ -73,212 +65,120 @@ def generate(
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+    scales = _per_image(guidance_scale, len(prompts))
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or size, width or size
     channels = pipe.unet.config.in_channels
+    shape = (channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress or None):
-        batch_prompts = list(prompts[start : start + batch_size])
-        generators = image_generators(seeds[start : start + batch_size])
-        shape = (channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-        latents = torch.stack([torch.randn(shape, generator=g) for g in generators])
-        latents = latents.to(pipe.device, pipe.unet.dtype)
-        output = pipe(
-            batch_prompts,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            height=height,
-            width=width,
-            latents=latents,
-            output_type="np",
-        )
-        images.append((np.clip(output.images, 0, 1) * 255).round().astype(np.uint8))
+        stop = min(start + batch_size, len(prompts))
+        run_start = start
+        while run_start < stop:  # one pipeline call per run of equal guidance scale
+            run_stop = run_start + 1
+            while run_stop < stop and scales[run_stop] == scales[run_start]:
+                run_stop += 1
+            generators = image_generators(seeds[run_start:run_stop])
+            latents = torch.stack([torch.randn(shape, generator=g) for g in generators])
+            output = pipe(
+                list(prompts[run_start:run_stop]),
+                num_inference_steps=steps,
+                guidance_scale=scales[run_start],
+                height=height,
+                width=width,
+                latents=latents.to(pipe.device, pipe.unet.dtype),
+                output_type="np",
+            )
+            images.append((np.clip(output.images, 0, 1) * 255).round().astype(np.uint8))
+            run_start = run_stop
     return np.concatenate(images)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Image folders
-# --------------------------------------------------------------------------------------------------------------
+def _per_image(guidance_scale: float | Sequence[float], count: int) -> list[float]:
+    if isinstance(guidance_scale, int | float):
+        return [float(guidance_scale)] * count
+    scales = [float(scale) for scale in guidance_scale]
+    if len(scales) != count:
+        raise ValueError(f"got {len(scales)} guidance scales for {count} prompts; give one scale, or one per prompt")
+    return scales
 
 
-class ImageFolderError(ValueError):
-    """An image folder is missing, empty, inconsistent (mixed sizes, bad manifest) or cannot be written."""
+def iter_generate_paired(
+    pipe: Any,
+    edits: Mapping[str, Any],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    base_label: str | None = "base",
+    scale: float = 1.0,
+    max_relative_change: float | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    **generate_kwargs: Any,
+) -> Iterator[tuple[str, int, np.ndarray]]:
+    """Stream the images of the base model and of each edit, on the same prompts and seeds, batch by batch.
 
-
-def image_filename(case_number: int, index: int) -> str:
-    """``{case_number}_{index}.png``: the name of image ``index`` of prompt row ``case_number``."""
-    return f"{int(case_number)}_{int(index)}.png"
-
-
-def write_image(path: str | Path, image: np.ndarray) -> None:
-    """Write one uint8 ``(H, W, 3)`` image as PNG."""
-    from PIL import Image
-
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path, format="PNG")
-
-
-def write_manifest(folder: str | Path, records: Sequence[Mapping[str, Any]], metadata: Mapping[str, Any]) -> Path:
-    """Write ``manifest.json``: ``{"format", "metadata", "images": [record, ...]}`` (records must hold ``file``)."""
-    path = Path(folder) / MANIFEST_NAME
-    document = {"format": MANIFEST_FORMAT, "metadata": dict(metadata), "images": [dict(r) for r in records]}
-    path.write_text(json.dumps(document, indent=1, default=str) + "\n", encoding="utf-8")
-    return path
-
-
-def save_images(
-    folder: str | Path,
-    images: np.ndarray | Sequence[np.ndarray],
-    records: Sequence[Mapping[str, Any]],
-    metadata: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Save images as ``{case_number}_{index}.png`` with a ``manifest.json``, atomically.
-
-    Everything is written to a temporary folder beside ``folder``, which is renamed into place at the end; an
-    interrupted call leaves no half-written folder behind.
+    Each edit is applied to ``pipe`` alone (:meth:`erasure.edit.Edit.applied`) and reverted before the next model,
+    also when generation fails or the caller stops iterating, so ``pipe`` always ends with its base weights.
+    Image ``i`` of every model starts from the same noise (seed ``seeds[i]``): any difference between two models'
+    images is the edit's.
 
     Args:
-        folder: Destination folder.
-        images: uint8 images ``(N, H, W, 3)``.
-        records: One dict per image with at least ``case_number`` and ``index`` (and usually ``prompt``, ``seed``);
-            stored in the manifest with the file name added as ``file``.
-        metadata: Run-level facts for the manifest (model, steps, guidance, ...).
-        overwrite: Replace an existing ``folder``; otherwise an existing non-empty folder is refused.
+        pipe: The base pipeline.
+        edits: Label -> :class:`erasure.edit.Edit` (or ``None``: the model as loaded), generated in this order.
+        prompts: One prompt per image.
+        seeds: One seed per image.
+        base_label: Label of the unedited model, generated first; ``None`` to skip it.
+        scale: Strength at which each edit is applied.
+        max_relative_change: Passed to :meth:`erasure.edit.Edit.apply_to` (its default when ``None``).
+        batch_size: Images per pipeline call, and per yielded batch.
+        progress: Show a progress bar per model.
+        **generate_kwargs: Passed to :func:`generate` (``steps``, ``guidance_scale`` -- one or one per image --,
+            ``height``, ``width``).
 
-    Returns:
-        The folder.
-
-    Raises:
-        ImageFolderError: If the counts differ, two images share a name, or ``folder`` exists (without
-            ``overwrite``).
-    """
-    folder = Path(folder)
-    if len(images) != len(records):
-        raise ImageFolderError(f"got {len(images)} images but {len(records)} records; give one record per image.")
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise ImageFolderError(f"{folder} exists; choose another folder or pass overwrite=True.")
-    entries = []
-    for record in records:
-        if "case_number" not in record or "index" not in record:
-            raise ImageFolderError("each record needs 'case_number' and 'index'.")
-        entries.append({"file": image_filename(record["case_number"], record["index"]), **record})
-    names = [entry["file"] for entry in entries]
-    if len(set(names)) != len(names):
-        duplicate = next(name for name in names if names.count(name) > 1)
-        raise ImageFolderError(f"two images would both be saved as {duplicate}; (case_number, index) must be unique.")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        for entry, image in zip(entries, images, strict=True):
-            write_image(temporary / entry["file"], image)
-        write_manifest(temporary, entries, metadata or {})
-        replace_folder(temporary, folder)
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)
-    return folder
-
-
-def replace_folder(source: Path, destination: Path) -> None:
-    """Rename ``source`` to ``destination``, replacing an existing ``destination`` (moved aside, then deleted)."""
-    if destination.exists():
-        trash = destination.parent / f".{destination.name}.old-{os.getpid()}"
-        os.replace(destination, trash)
-        try:
-            os.replace(source, destination)
-        except BaseException:
-            os.replace(trash, destination)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(source, destination)
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image of a folder.
-
-    Attributes:
-        path: The image file.
-        case_number: Prompt row id (from the manifest, or the ``{case_number}_{i}`` file name); ``None`` if neither.
-        index: Image index within the row (``i``); ``None`` if unknown.
-        info: The manifest record (prompt, seed, ...), empty without a manifest.
-    """
-
-    path: Path
-    case_number: int | None
-    index: int | None
-    info: Mapping[str, Any]
-
-
-def read_image_folder(folder: str | Path) -> tuple[list[ImageRecord], dict[str, Any], tuple[int, int]]:
-    """List a folder's images, from its ``manifest.json`` when there is one, else from the file names.
-
-    Images are not decoded (only their headers are read, for the size check); load them with :func:`load_image`.
-
-    Args:
-        folder: A folder written by :func:`save_images`, or any folder of PNG/JPEG/WebP images (files named
-            ``{case_number}_{i}.png`` are matched to prompt rows; others sort by name).
-
-    Returns:
-        ``(records, manifest metadata, (height, width))``.
+    Yields:
+        ``(label, start, images)``: images ``start .. start + len(images)`` of model ``label``, uint8
+        ``(n, H, W, 3)``.
 
     Raises:
-        ImageFolderError: No such folder, no images in it, a manifest naming a missing file, or images of different
-            sizes.
+        ValueError: If an edit is labelled like the base model.
     """
-    from PIL import Image
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ImageFolderError(f"No image folder at {folder}.")
-    manifest_path = folder / MANIFEST_NAME
-    metadata: dict[str, Any] = {}
-    records: list[ImageRecord] = []
-    if manifest_path.is_file():
-        try:
-            document = json.loads(manifest_path.read_text(encoding="utf-8"))
-            entries = document["images"]
-            metadata = dict(document.get("metadata", {}))
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ImageFolderError(f"{manifest_path} is not a valid image manifest ({error}).") from error
-        for entry in entries:
-            path = folder / str(entry.get("file", ""))
-            if not path.is_file():
-                raise ImageFolderError(f"{manifest_path} lists {entry.get('file')!r}, which is not in {folder}.")
-            case, index = entry.get("case_number"), entry.get("index")
-            records.append(
-                ImageRecord(path, None if case is None else int(case), None if index is None else int(index), entry)
-            )
-    else:
-        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        for path in files:
-            match = _CASE_NAME.match(path.stem)
-            case, index = (int(match.group(1)), int(match.group(2))) if match else (None, None)
-            records.append(ImageRecord(path, case, index, {}))
-        records.sort(key=lambda r: (r.case_number is None, r.case_number or 0, r.index or 0, r.path.name))
-    if not records:
-        raise ImageFolderError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
-    sizes: dict[tuple[int, int], Path] = {}
-    for record in records:
-        try:
-            with Image.open(record.path) as image:
-                width, height = image.size
-        except OSError as error:
-            raise ImageFolderError(f"{record.path} is not a readable image ({error}).") from error
-        sizes.setdefault((height, width), record.path)
-        if len(sizes) > 1:
-            (a, path_a), (b, path_b) = list(sizes.items())[:2]
-            raise ImageFolderError(
-                f"{folder} mixes image sizes: {path_a.name} is {a[1]}x{a[0]} but {path_b.name} is {b[1]}x{b[0]}; "
-                "score images of one size at a time."
-            )
-    return records, metadata, next(iter(sizes))
+    if base_label is not None and base_label in edits:
+        raise ValueError(f"An edit is labelled '{base_label}', the label of the base model; rename it.")
+    models: dict[str, Any] = ({base_label: None} if base_label is not None else {}) | dict(edits)
+    scales = _per_image(generate_kwargs.pop("guidance_scale", 7.5), len(prompts))
+    limit = {} if max_relative_change is None else {"max_relative_change": max_relative_change}
+    for label, edit in models.items():
+        if edit is not None:
+            logger.info("Generating %d images with edit '%s' (scale %s).", len(prompts), label, scale)
+        context = contextlib.nullcontext() if edit is None else edit.applied(pipe, scale=scale, **limit)
+        with context:
+            batches = range(0, len(prompts), batch_size)
+            for start in tqdm(batches, desc=f"generate {label}", disable=not progress or None):
+                stop = start + batch_size
+                images = generate(
+                    pipe,
+                    prompts[start:stop],
+                    seeds[start:stop],
+                    guidance_scale=scales[start:stop],
+                    batch_size=batch_size,
+                    progress=False,
+                    **generate_kwargs,
+                )
+                yield label, start, images
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 RGB ``(H, W, 3)``."""
-    from PIL import Image
+def generate_paired(
+    pipe: Any, edits: Mapping[str, Any], prompts: Sequence[str], seeds: Sequence[int], **kwargs: Any
+) -> dict[str, np.ndarray]:
+    """Images of the base model and of each edit from the same prompts and seeds, all at once.
 
-    with Image.open(path) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    Arguments as :func:`iter_generate_paired`.
+
+    Returns:
+        ``{base_label: images, label: images, ...}`` in generation order, each ``(N, H, W, 3)`` uint8.
+    """
+    parts: dict[str, list[np.ndarray]] = {}
+    for label, _, images in iter_generate_paired(pipe, edits, prompts, seeds, **kwargs):
+        parts.setdefault(label, []).append(images)
+    return {label: np.concatenate(chunks) for label, chunks in parts.items()}

@@ -30,8 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +37,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from erasure.files import atomic_path, atomic_write_text, to_pil
 
 logger = logging.getLogger(__name__)
 
@@ -74,23 +74,6 @@ ImageColumn = np.ndarray | Sequence[Image.Image] | Sequence[np.ndarray]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _to_pil(image: Image.Image | np.ndarray) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    array = np.asarray(image)
-    if array.dtype != np.uint8:
-        if not np.issubdtype(array.dtype, np.floating):
-            raise TypeError(f"Images must be uint8 (0-255) or float (0-1) arrays, got dtype {array.dtype}.")
-        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"An image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {array.shape}.")
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    return Image.fromarray(array[..., :3], "RGB")
-
-
 def to_pil_images(images: ImageColumn) -> list[Image.Image]:
     """RGB PIL images from an array (uint8, or float in 0-1) or a list of PIL images/arrays.
 
@@ -98,7 +81,7 @@ def to_pil_images(images: ImageColumn) -> list[Image.Image]:
     """
     if isinstance(images, np.ndarray) and images.ndim not in (3, 4):
         raise ValueError(f"Expected an (N, H, W, 3) array of images, got shape {images.shape}.")
-    return [_to_pil(image) for image in images]
+    return [to_pil(image) for image in images]
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -547,7 +530,7 @@ def folder_columns(
 ) -> tuple[dict[str, list[Image.Image]], list[str], list[str], list[int]]:
     """Grid columns from saved image folders (``erasure evaluate`` output), matched by prompt row and seed.
 
-    Each folder is one column: an image folder with a ``manifest.json`` (:func:`erasure.generate.save_images`),
+    Each folder is one column: an image folder with a ``manifest.json`` (:func:`erasure.files.save_images`),
     or an evaluation folder, whose ``images/<model>`` subfolders each become a column (``base`` first). Only
     images present in every column are shown: per prompt row the first image index, at most ``per_group`` rows per
     role.
@@ -562,7 +545,7 @@ def folder_columns(
     Raises:
         ValueError: If a folder has no manifest describing its images, or the folders share no image.
     """
-    from erasure.generate import load_image, read_image_folder
+    from erasure.files import load_image, read_image_folder
     from erasure.prompt_sets import role_of
 
     expanded: list[Path] = []
@@ -575,7 +558,7 @@ def folder_columns(
         if any(record.case_number is None or "prompt" not in record.info for record in records):
             raise ValueError(
                 f"{folder} has no manifest.json saying which prompt each image shows; grids need folders written by "
-                "erasure evaluate (or erasure.generate.save_images)."
+                "erasure evaluate (or erasure.files.save_images)."
             )
         label = str(metadata.get("model") or folder.name)
         while label in tables:
@@ -597,20 +580,8 @@ def folder_columns(
         seed = info.get("seed", (info.get("row") or {}).get("evaluation_seed", 0))
         rows.append(_FolderRow(key, str(info["prompt"]), role_of(row_type), int(seed or 0)))
     rows = select_rows(rows, per_group)
-    columns = {label: [_to_pil(load_image(table[row.key].path)) for row in rows] for label, table in tables.items()}
+    columns = {label: [to_pil(load_image(table[row.key].path)) for row in rows] for label, table in tables.items()}
     return columns, [row.prompt for row in rows], [row.role for row in rows], [row.seed for row in rows]
-
-
-def _atomic_write(path: Path, write: Any, suffix: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def save_grid(image: Image.Image, path: str | Path, manifest: Mapping[str, Any] | None = None) -> Path:
@@ -636,6 +607,7 @@ def save_grid(image: Image.Image, path: str | Path, manifest: Mapping[str, Any] 
     data.setdefault("width", image.width)
     data.setdefault("height", image.height)
     text = json.dumps(data, indent=2, default=str) + "\n"
-    _atomic_write(path, lambda name: image.save(name, format="PNG"), ".png")
-    _atomic_write(path.with_suffix(".json"), lambda name: Path(name).write_text(text, encoding="utf-8"), ".json")
+    with atomic_path(path) as temporary:
+        image.save(temporary, format="PNG")
+    atomic_write_text(path.with_suffix(".json"), text)
     return path

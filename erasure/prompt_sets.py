@@ -25,13 +25,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from erasure.files import atomic_write_text
 
 __all__ = [
     "CLASS_SEPARATOR",
@@ -265,20 +265,8 @@ def save_prompt_csv(rows: Sequence[PromptRow], path: str | Path) -> Path:
             [row.case_number, row.prompt, row.evaluation_seed, *(values[n] for n in optional)]
             + [row.extra.get(key, "") for key in extra]
         )
-    _atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue(), newline="")
     return path
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
 
 
 def _mentions(text: str, phrase: str) -> bool:

@@ -53,8 +53,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +61,7 @@ from typing import Any
 from PIL import Image
 
 from erasure import __version__
+from erasure.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +244,7 @@ def write_sweep(path: str | Path, points: Iterable[Mapping[str, Any]], **metadat
         if not isinstance(point.get("scale"), int | float):
             raise ValueError(f"sweep point #{index + 1} needs a numeric 'scale'.")
     document = {"format": SWEEP_FORMAT, **metadata, "points": points}
-    _atomic_write_text(path, json.dumps(document, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(document, indent=2, default=str) + "\n")
     return path
 
 
@@ -661,18 +660,6 @@ def render_report(
     )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def write_report(
     folders: Sequence[str | Path], out: str | Path, title: str = "Concept erasure report", per_group: int = 4
 ) -> Path:
@@ -682,5 +669,5 @@ def write_report(
         ``out`` as a ``Path``.
     """
     out = Path(out)
-    _atomic_write_text(out, render_report(folders, title=title, per_group=per_group))
+    atomic_write_text(out, render_report(folders, title=title, per_group=per_group))
     return out

@@ -25,6 +25,7 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from torch import Tensor
 
+from erasure.files import to_pil
 from erasure.pipeline import Conditioning, default_image_size, predict_noise, unconditional_conditioning
 
 __all__ = ["ddim_scheduler", "ddim_trajectory", "forward_noise", "images_to_latents", "initial_noise", "partial_ddim"]
@@ -228,25 +229,6 @@ def forward_noise(
     return noisy.to(latents.dtype), noise, timesteps.to(latents.device)
 
 
-def _to_pil(image: Any) -> Any:
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = np.stack([array] * 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"An image array must be [H, W, 3] (or RGBA / grey); got shape {array.shape}.")
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    if array.dtype != np.uint8:
-        if array.min() < 0 or array.max() > 1:
-            raise ValueError("Float image arrays must hold values in [0, 1]; pass uint8 arrays for 0..255.")
-        array = (array * 255).round().astype(np.uint8)
-    return Image.fromarray(array[..., :3])
-
-
 def images_to_latents(
     pipe: DiffusionPipeline,
     images: Any,
@@ -272,7 +254,7 @@ def images_to_latents(
     if not isinstance(images, Sequence) or isinstance(images, str | bytes) or not images:
         raise ValueError("images must be a non-empty list of PIL images or arrays, or an [N, H, W, 3] array.")
     size = int(size) if size is not None else default_image_size(pipe)
-    pil = [_to_pil(image) for image in images]
+    pil = [to_pil(image) for image in images]
     pixels = pipe.image_processor.preprocess(pil, height=size, width=size)
     vae = pipe.vae
     with torch.no_grad():

@@ -18,7 +18,7 @@ import torch
 
 from erasure.cli import main
 from erasure.edit import Edit, fingerprint, pipeline_tensor
-from erasure.generate import load_image
+from erasure.files import load_image
 from erasure.prompt_sets import PromptRow, save_prompt_csv
 from erasure.testing import save_tiny_pipeline, tiny_pipeline
 

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-import erasure.edit as edit_module
+import erasure.files as files_module
 from erasure.concepts import request_from_prompts
 from erasure.edit import (
     CONFIG_NAME,
@@ -190,7 +190,7 @@ def test_crash_while_swapping_folders_restores_the_old_edit(pipe, tmp_path, monk
             raise OSError("power cut")
         return real_replace(source, target)
 
-    monkeypatch.setattr(edit_module.os, "replace", flaky_replace)
+    monkeypatch.setattr(files_module.os, "replace", flaky_replace)  # edits are saved through erasure.files
     with pytest.raises(OSError, match="power cut"):
         make_edit(pipe, seed=2).save(folder, overwrite=True)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -476,7 +476,8 @@ def test_evaluate_writes_images_metrics_and_per_image_rows(run, assets):
 
 
 def test_evaluate_images_match_direct_generation(run, assets):
-    from erasure.generate import generate, load_image
+    from erasure.files import load_image
+    from erasure.generate import generate
     from erasure.pipeline import load_pipeline
 
     pipe = load_pipeline(assets["model"])
@@ -498,7 +499,8 @@ def test_rescoring_the_image_folder_gives_the_same_metrics(run, assets, tmp_path
 
 
 def test_rows_evaluation_guidance_is_used_unless_guidance_is_given(assets, tmp_path):
-    from erasure.generate import generate, load_image
+    from erasure.files import load_image
+    from erasure.generate import generate
     from erasure.pipeline import load_pipeline
 
     rows = [  # ESD's prompt files carry a per-row guidance scale

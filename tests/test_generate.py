@@ -6,15 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from erasure.generate import (
-    MANIFEST_NAME,
-    ImageFolderError,
-    generate,
-    image_filename,
-    load_image,
-    read_image_folder,
-    save_images,
-)
+from erasure.files import MANIFEST_NAME, ImageFolderError, image_filename, load_image, read_image_folder, save_images
+from erasure.generate import generate
 from erasure.testing import tiny_pipeline
 
 SIZE = 32

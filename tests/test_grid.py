@@ -9,7 +9,7 @@ from PIL import Image
 
 from erasure.cli import main
 from erasure.edit import Edit, fingerprint
-from erasure.generate import save_images
+from erasure.files import save_images
 from erasure.grid import (
     comparison_grid,
     comparison_layout,

@@ -17,7 +17,7 @@ from PIL import Image
 
 from erasure.cli import main
 from erasure.evaluate import run_evaluation
-from erasure.generate import save_images
+from erasure.files import save_images
 from erasure.report import (
     METRIC_COLUMNS,
     ReportError,

@@ -1,0 +1,319 @@
+"""Files written so that nothing is half-written: atomic paths, folders replaced in one rename, image folders.
+
+Every output of the toolkit (edits, image folders, CSV/JSON metrics, grids, reports, exports) goes through this
+module, so one rule holds everywhere: data is written to a temporary name beside its destination and renamed into
+place only when complete. A crash, a full disk or Ctrl-C leaves the old file (or nothing) behind, never a truncated
+one; temporary names start with ``.`` and end with ``.tmp``.
+
+* :func:`atomic_path` yields a temporary path that becomes ``path`` when the block succeeds.
+* :func:`atomic_write_text` / :func:`atomic_write_bytes` write one file that way.
+* :func:`replace_folder` renames a finished folder over an existing one (moved aside first, restored on failure).
+* :func:`save_images` writes images as ``{case_number}_{i}.png`` (the naming of ESD's and UCE's evaluation scripts)
+  with a ``manifest.json`` describing each image (prompt, seed, ...); :func:`read_image_folder` reads such a folder
+  back, or any folder of PNG/JPEG images.
+* :func:`to_pil` turns any image array (uint8, or float in 0..1; grey, RGB or RGBA) into an RGB PIL image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "erasure-images/1"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+_CASE_NAME = re.compile(r"^(-?\d+)_(\d+)$")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it is renamed to ``path`` only when the block succeeds.
+
+    The temporary path does not exist yet: create a file or a folder there. A crash or error inside the block
+    leaves nothing behind (and an existing ``path`` untouched).
+
+    Args:
+        path: The destination file or folder.
+        overwrite: Replace an existing ``path`` (a folder is moved aside, then deleted); otherwise refuse it.
+
+    Raises:
+        FileExistsError: If ``path`` exists and ``overwrite`` is false (nothing is overwritten).
+        RuntimeError: If the block wrote nothing.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another output path or remove it first.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    temporary = holder / path.name
+    try:
+        yield temporary
+        if not temporary.exists():
+            raise RuntimeError(f"Nothing was written for {path}.")
+        if temporary.is_dir() or path.is_dir():
+            replace_folder(temporary, path)
+        else:
+            os.replace(temporary, path)
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file renamed into place."""
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str, newline: str | None = None) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file renamed into place.
+
+    Args:
+        path: Destination file.
+        text: The contents.
+        newline: Passed to ``open`` (``""`` keeps the CRLF line ends of CSV writers as they are).
+    """
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        with open(temporary, "w", encoding="utf-8", newline=newline) as file:
+            file.write(text)
+    return path
+
+
+def replace_folder(source: Path, destination: Path) -> None:
+    """Rename ``source`` to ``destination``, replacing an existing ``destination`` (moved aside, then deleted).
+
+    If the final rename fails, the old ``destination`` is put back.
+    """
+    source, destination = Path(source), Path(destination)
+    if destination.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", suffix=".tmp", dir=destination.parent))
+        trash.rmdir()
+        os.replace(destination, trash)
+        try:
+            os.replace(source, destination)
+        except BaseException:
+            os.replace(trash, destination)
+            raise
+        if trash.is_dir():
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            trash.unlink(missing_ok=True)
+    else:
+        os.replace(source, destination)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------------------
+
+
+def to_pil(image: Any):
+    """An RGB PIL image from a PIL image or an array: uint8 (0..255) or float (0..1); (H, W), (H, W, 1/3/4).
+
+    Raises:
+        TypeError: For an array that is neither uint8 nor floating point.
+        ValueError: For another shape, or float values outside [0, 1].
+    """
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"An image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {array.shape}.")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.floating):
+            raise TypeError(f"Images must be uint8 (0-255) or float (0-1) arrays, got dtype {array.dtype}.")
+        if array.size and (not np.isfinite(array).all() or array.min() < 0 or array.max() > 1):
+            raise ValueError("Float image arrays must hold finite values in [0, 1]; pass uint8 arrays for 0..255.")
+        array = (array * 255).round().astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(array[..., :3]), "RGB")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Image folders
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ImageFolderError(ValueError):
+    """An image folder is missing, empty, inconsistent (mixed sizes, bad manifest) or cannot be written."""
+
+
+def image_filename(case_number: int, index: int) -> str:
+    """``{case_number}_{index}.png``: the name of image ``index`` of prompt row ``case_number``."""
+    return f"{int(case_number)}_{int(index)}.png"
+
+
+def write_image(path: str | Path, image: np.ndarray) -> None:
+    """Write one uint8 ``(H, W, 3)`` image as PNG."""
+    from PIL import Image
+
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path, format="PNG")
+
+
+def write_manifest(folder: str | Path, records: Sequence[Mapping[str, Any]], metadata: Mapping[str, Any]) -> Path:
+    """Write ``manifest.json``: ``{"format", "metadata", "images": [record, ...]}`` (records must hold ``file``)."""
+    path = Path(folder) / MANIFEST_NAME
+    document = {"format": MANIFEST_FORMAT, "metadata": dict(metadata), "images": [dict(r) for r in records]}
+    path.write_text(json.dumps(document, indent=1, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def save_images(
+    folder: str | Path,
+    images: np.ndarray | Sequence[np.ndarray],
+    records: Sequence[Mapping[str, Any]],
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save images as ``{case_number}_{index}.png`` with a ``manifest.json``, atomically.
+
+    Everything is written to a temporary folder beside ``folder``, which is renamed into place at the end; an
+    interrupted call leaves no half-written folder behind.
+
+    Args:
+        folder: Destination folder.
+        images: uint8 images ``(N, H, W, 3)``.
+        records: One dict per image with at least ``case_number`` and ``index`` (and usually ``prompt``, ``seed``);
+            stored in the manifest with the file name added as ``file``.
+        metadata: Run-level facts for the manifest (model, steps, guidance, ...).
+        overwrite: Replace an existing ``folder``; otherwise an existing non-empty folder is refused.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ImageFolderError: If the counts differ, two images share a name, or ``folder`` exists (without
+            ``overwrite``).
+    """
+    folder = Path(folder)
+    if len(images) != len(records):
+        raise ImageFolderError(f"got {len(images)} images but {len(records)} records; give one record per image.")
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
+        raise ImageFolderError(f"{folder} exists; choose another folder or pass overwrite=True.")
+    entries = []
+    for record in records:
+        if "case_number" not in record or "index" not in record:
+            raise ImageFolderError("each record needs 'case_number' and 'index'.")
+        entries.append({"file": image_filename(record["case_number"], record["index"]), **record})
+    names = [entry["file"] for entry in entries]
+    if len(set(names)) != len(names):
+        duplicate = next(name for name in names if names.count(name) > 1)
+        raise ImageFolderError(f"two images would both be saved as {duplicate}; (case_number, index) must be unique.")
+    with atomic_path(folder) as temporary:
+        temporary.mkdir()
+        for entry, image in zip(entries, images, strict=True):
+            write_image(temporary / entry["file"], image)
+        write_manifest(temporary, entries, metadata or {})
+    return folder
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a folder.
+
+    Attributes:
+        path: The image file.
+        case_number: Prompt row id (from the manifest, or the ``{case_number}_{i}`` file name); ``None`` if neither.
+        index: Image index within the row (``i``); ``None`` if unknown.
+        info: The manifest record (prompt, seed, ...), empty without a manifest.
+    """
+
+    path: Path
+    case_number: int | None
+    index: int | None
+    info: Mapping[str, Any]
+
+
+def read_image_folder(folder: str | Path) -> tuple[list[ImageRecord], dict[str, Any], tuple[int, int]]:
+    """List a folder's images, from its ``manifest.json`` when there is one, else from the file names.
+
+    Images are not decoded (only their headers are read, for the size check); load them with :func:`load_image`.
+
+    Args:
+        folder: A folder written by :func:`save_images`, or any folder of PNG/JPEG/WebP images (files named
+            ``{case_number}_{i}.png`` are matched to prompt rows; others sort by name).
+
+    Returns:
+        ``(records, manifest metadata, (height, width))``.
+
+    Raises:
+        ImageFolderError: No such folder, no images in it, a manifest naming a missing file, or images of different
+            sizes.
+    """
+    from PIL import Image
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageFolderError(f"No image folder at {folder}.")
+    manifest_path = folder / MANIFEST_NAME
+    metadata: dict[str, Any] = {}
+    records: list[ImageRecord] = []
+    if manifest_path.is_file():
+        try:
+            document = json.loads(manifest_path.read_text(encoding="utf-8"))
+            entries = document["images"]
+            metadata = dict(document.get("metadata", {}))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ImageFolderError(f"{manifest_path} is not a valid image manifest ({error}).") from error
+        for entry in entries:
+            path = folder / str(entry.get("file", ""))
+            if not path.is_file():
+                raise ImageFolderError(f"{manifest_path} lists {entry.get('file')!r}, which is not in {folder}.")
+            case, index = entry.get("case_number"), entry.get("index")
+            records.append(
+                ImageRecord(path, None if case is None else int(case), None if index is None else int(index), entry)
+            )
+    else:
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        for path in files:
+            match = _CASE_NAME.match(path.stem)
+            case, index = (int(match.group(1)), int(match.group(2))) if match else (None, None)
+            records.append(ImageRecord(path, case, index, {}))
+        records.sort(key=lambda r: (r.case_number is None, r.case_number or 0, r.index or 0, r.path.name))
+    if not records:
+        raise ImageFolderError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    sizes: dict[tuple[int, int], Path] = {}
+    for record in records:
+        try:
+            with Image.open(record.path) as image:
+                width, height = image.size
+        except OSError as error:
+            raise ImageFolderError(f"{record.path} is not a readable image ({error}).") from error
+        sizes.setdefault((height, width), record.path)
+        if len(sizes) > 1:
+            (a, path_a), (b, path_b) = list(sizes.items())[:2]
+            raise ImageFolderError(
+                f"{folder} mixes image sizes: {path_a.name} is {a[1]}x{a[0]} but {path_b.name} is {b[1]}x{b[0]}; "
+                "score images of one size at a time."
+            )
+    return records, metadata, next(iter(sizes))
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file as uint8 RGB ``(H, W, 3)``."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
