@@ -497,7 +497,9 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="base model (default: the one recorded in the edit; LoRA needs none)")
     parser.add_argument("--format", required=True, choices=["diffusers", "lora", "single-file"], help="output format")
     parser.add_argument("--out", type=Path, required=True, help="output folder (.safetensors file for single-file)")
-    parser.add_argument("--rank", type=POSITIVE_INT, default=16, help="LoRA rank")
+    parser.add_argument(
+        "--rank", type=POSITIVE_INT, default=16, help="largest LoRA rank (each layer is capped at its own rank)"
+    )
     parser.add_argument(
         "--scale", type=FINITE_FLOAT, default=1.0, help="strength of the edit (diffusers, single-file)"
     )
@@ -507,35 +509,32 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    import math
+    from erasure.edit import Edit
+    from erasure.export import BIAS_ADAPTER, export_edit
 
-    from erasure.edit import Edit, save_lora
-    from erasure.files import atomic_path
-    from erasure.pipeline import load_pipeline, save_single_file
-
-    if args.out.exists():
+    if args.out.exists():  # before the edit is read: the cheapest check first
         raise FileExistsError(f"{args.out} already exists; choose another --out")
-    if not math.isfinite(args.scale):
-        raise ValueError(f"--scale must be a finite number, got {args.scale}")
     edit = Edit.load(args.run, require_fingerprint=not args.no_base_check)
-    if args.format == "lora":
-        folder, skipped = save_lora(edit, args.out, args.rank)
-        note = f" (left out {len(skipped)} tensors a LoRA cannot hold, e.g. {skipped[0]})" if skipped else ""
-        print(f"wrote LoRA (rank {args.rank}) to {folder}{note}")
+    out, skipped = export_edit(
+        edit,
+        args.out,
+        args.format,
+        model=args.model,
+        scale=args.scale,
+        rank=args.rank,
+        device=_device(args.device),
+        max_relative_change=_max_relative_change(args),
+    )
+    if args.format != "lora":
+        print(f"wrote {args.format} model to {out}")
         return 0
-    if args.format == "single-file" and args.out.suffix != ".safetensors":
-        raise ValueError(f"--out {args.out} must end in .safetensors for --format single-file")
-    model = args.model or edit.config.get("base_model")
-    if not model:
-        raise ValueError("the edit records no base model; pass --model")
-    pipe = load_pipeline(model, device=_device(args.device))
-    edit.apply_to(pipe, scale=args.scale, max_relative_change=_max_relative_change(args))
-    with atomic_path(args.out, overwrite=False) as temporary:
-        if args.format == "diffusers":
-            pipe.save_pretrained(temporary, safe_serialization=True)
-        else:
-            save_single_file(pipe, temporary)
-    print(f"wrote {args.format} model to {args.out}")
+    note = f" (left out {len(skipped)} tensors a LoRA cannot hold, e.g. {skipped[0]})" if skipped else ""
+    print(f"wrote LoRA (rank <= {args.rank}) to {out}{note}")
+    if (out / BIAS_ADAPTER).is_dir():
+        print(
+            f"  the bias changes are a second adapter in {out / BIAS_ADAPTER}: load both with "
+            "pipe.load_lora_weights(folder, adapter_name=...) before fuse_lora"
+        )
     return 0
 
 

@@ -32,22 +32,18 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONFIG_NAME",
-    "LORA_WEIGHTS_NAME",
     "WEIGHTS_NAME",
     "Edit",
     "EditFormatError",
     "FingerprintMismatchError",
     "fingerprint",
-    "lora_state_dict",
     "pipeline_tensor",
     "replay",
-    "save_lora",
     "stack",
 ]
 
 WEIGHTS_NAME = "edit.safetensors"
 CONFIG_NAME = "edit_config.json"
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(folder) reads
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 #: A delta larger than this many times its base tensor (root-mean-square values) is refused when applied: no method of
@@ -499,94 +495,3 @@ def replay(folder_or_config: str | Path | Mapping[str, Any], pipe: Any, **apply_
     request = EraseRequest.from_dict(config["request"])
     apply_kwargs.setdefault("base_model", config.get("base_model", ""))
     return method.apply(pipe, request, **apply_kwargs)
-
-
-def _lora_factors(delta: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """``B [out, rank]``, ``A [rank, in]`` with ``B A`` the best rank-``rank`` approximation of a 2-D ``delta``.
-
-    Truncated SVD (Eckart-Young): ``delta = U S V^T``, ``B = U_r S_r^(1/2)``, ``A = S_r^(1/2) V_r^T``; factors are
-    zero-padded to exactly ``rank`` columns so every module has the same rank (and LoRA scale ``alpha / r = 1``).
-    """
-    u, singular, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    kept = min(rank, singular.shape[0])
-    root = singular[:kept].sqrt()
-    b = delta.new_zeros((delta.shape[0], rank), dtype=torch.float64)
-    a = delta.new_zeros((rank, delta.shape[1]), dtype=torch.float64)
-    b[:, :kept] = u[:, :kept] * root
-    a[:kept] = root[:, None] * vh[:kept]
-    return b.float(), a.float()
-
-
-def lora_state_dict(edit: Edit, rank: int) -> tuple[dict[str, Tensor], dict[str, Any], list[str]]:
-    """Factor an edit into a LoRA in the peft / diffusers key format.
-
-    Each weight delta of a linear (2-D) or convolution (4-D, factored as ``[out, in*kh*kw]``) layer becomes
-    ``<component>.<module>.lora_A.weight`` / ``lora_B.weight`` (a ``[rank, in, kh, kw]`` conv and a 1x1 conv for
-    4-D), so ``B A`` is the best rank-``rank`` approximation of the delta and exact once ``rank`` reaches the
-    delta's rank. A bias delta of such a layer becomes ``lora_B.bias`` (peft's ``lora_bias``). Other tensors
-    (normalisation weights, a bias without a weight) have no LoRA form and are returned as skipped.
-
-    Args:
-        edit: The edit.
-        rank: LoRA rank ``r`` (``lora_alpha = r``, so the LoRA scale is 1).
-
-    Returns:
-        ``(state_dict, adapter_config, skipped_keys)``; the adapter config is peft's ``LoraConfig`` as a dict.
-    """
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}.")
-    state: dict[str, Tensor] = {}
-    modules: list[str] = []
-    skipped: list[str] = []
-    weights = {key.removesuffix(".weight"): d for key, d in edit.deltas.items() if key.endswith(".weight")}
-    for key, delta in edit.deltas.items():
-        module = key.rsplit(".", 1)[0]
-        if key.endswith(".weight") and delta.ndim in (2, 4):
-            b, a = _lora_factors(delta.reshape(delta.shape[0], -1), rank)
-            if delta.ndim == 4:
-                a = a.reshape(rank, *delta.shape[1:])
-                b = b[:, :, None, None]
-            state[f"{module}.lora_A.weight"], state[f"{module}.lora_B.weight"] = a.contiguous(), b.contiguous()
-            modules.append(module)
-        elif not (key.endswith(".bias") and module in weights and weights[module].ndim in (2, 4)):
-            skipped.append(key)
-    has_bias = any(key.endswith(".bias") and key not in skipped for key in edit.deltas)
-    if has_bias:  # peft's lora_bias applies to every adapted layer: zeros where the edit left the bias alone
-        for module in modules:
-            bias = edit.deltas.get(f"{module}.bias")
-            out = state[f"{module}.lora_B.weight"].shape[0]
-            state[f"{module}.lora_B.bias"] = (bias if bias is not None else torch.zeros(out)).contiguous()
-    config = {  # peft's LoraConfig of the UNet adapter (keys of the state dict carry the component prefix)
-        "peft_type": "LORA",
-        "r": rank,
-        "lora_alpha": rank,
-        "target_modules": sorted(m.removeprefix("unet.") for m in modules if m.startswith("unet.")),
-        "lora_bias": has_bias,
-        "use_dora": False,
-        "bias": "none",
-    }
-    return state, config, skipped
-
-
-def save_lora(edit: Edit, folder: str | Path, rank: int) -> tuple[Path, list[str]]:
-    """Write :func:`lora_state_dict` as ``pytorch_lora_weights.safetensors`` + ``adapter_config.json``, atomically.
-
-    The folder loads with diffusers' ``pipe.load_lora_weights(folder)`` (needs peft installed).
-
-    Returns:
-        ``(folder, skipped_keys)``.
-    """
-    from safetensors.torch import save_file
-
-    state, config, skipped = lora_state_dict(edit, rank)
-    if not state:
-        raise ValueError("This edit has no linear or convolution weight deltas, so it has no LoRA form.")
-    with atomic_path(folder, overwrite=False) as temporary:
-        temporary.mkdir()
-        about = {k: edit.config.get(k) for k in ("method", "base_model", "family", "base_fingerprint")}
-        metadata = {"format": "pt", "erasure_edit": json.dumps(_json_safe(about))}
-        save_file(state, str(temporary / LORA_WEIGHTS_NAME), metadata=metadata)
-        (temporary / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    if skipped:
-        logger.warning("The LoRA leaves out %d tensor(s) it cannot express, e.g. %s.", len(skipped), skipped[0])
-    return Path(folder), skipped

@@ -907,7 +907,7 @@ def load_unet_weights(path: str | Path, unet: torch.nn.Module) -> dict[str, Tens
 
 
 def _ldm_to_diffusers_names(unet: torch.nn.Module) -> dict[str, str]:
-    from erasure.pipeline import _unet_to_ldm
+    from erasure.convert import unet_to_ldm as _unet_to_ldm
 
     try:
         ldm = list(_unet_to_ldm(unet))

@@ -12,7 +12,7 @@ Fine-tuning methods need noisy latents ``x_t`` to evaluate their losses on. Two 
 Both follow the pipeline's own noise schedule (``beta_*``, ``num_train_timesteps``, ``prediction_type``) whatever
 scheduler class the pipeline carries: a :class:`~diffusers.DDIMScheduler` is built from the pipeline's scheduler
 config. Both work for epsilon- and v-prediction models (the DDIM step converts the model output) and for SDXL
-(the :class:`~erasure.pipeline.Conditioning` carries the pooled embeddings and micro-conditioning).
+(the :class:`~erasure.diffusion.Conditioning` carries the pooled embeddings and micro-conditioning).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 from torch import Tensor
 
+from erasure.diffusion import Conditioning, predict_noise, unconditional_conditioning
 from erasure.files import to_pil
-from erasure.pipeline import Conditioning, default_image_size, predict_noise, unconditional_conditioning
+from erasure.pipeline import default_image_size
 
 __all__ = ["ddim_scheduler", "ddim_trajectory", "forward_noise", "images_to_latents", "initial_noise", "partial_ddim"]
 

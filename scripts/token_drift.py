@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from erasure.diffusion import encode_prompts
 from erasure.edit import Edit
 from erasure.methods.base import select_unet_parameters
-from erasure.pipeline import encode_prompts, load_pipeline
+from erasure.pipeline import load_pipeline
 
 
 def token_drift(pipe: torch.nn.Module, edit: Edit, prompts: list[str]) -> torch.Tensor:

@@ -8,6 +8,7 @@ from diffusers import DDIMScheduler
 import erasure.methods.esd as esd_module
 import erasure.sampling as sampling_module
 from erasure.concepts import Concept, EraseRequest
+from erasure.diffusion import Conditioning, encode_prompts, predict_noise, unconditional_conditioning
 from erasure.methods import METHODS, PRESETS, get_method
 from erasure.methods.base import NonFiniteEditError, select_unet_parameters
 from erasure.methods.esd import (
@@ -18,7 +19,6 @@ from erasure.methods.esd import (
     gradient_checkpointing,
     original_weights,
 )
-from erasure.pipeline import Conditioning, encode_prompts, predict_noise, unconditional_conditioning
 from erasure.sampling import ddim_scheduler, initial_noise
 from erasure.testing import tiny_pipeline
 

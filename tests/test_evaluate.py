@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from erasure.cli import main
+from erasure.convert import single_file_state_dict
 from erasure.edit import Edit, fingerprint, pipeline_tensor
 from erasure.evaluate import (
     PER_IMAGE_COLUMNS,
@@ -34,7 +35,6 @@ from erasure.evaluate import (
     target_vs_anchor,
     zero_shot,
 )
-from erasure.pipeline import single_file_state_dict
 from erasure.prompt_sets import PromptRow, save_prompt_csv
 from erasure.testing import save_tiny_pipeline, tiny_pipeline
 

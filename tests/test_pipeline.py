@@ -7,8 +7,9 @@ import torch
 from huggingface_hub.errors import RepositoryNotFoundError
 from safetensors.torch import load_file, save_file
 
+from erasure.diffusion import Conditioning, encode_prompts, predict_noise, unconditional_conditioning
+from erasure.export import save_single_file
 from erasure.pipeline import (
-    Conditioning,
     CorruptCheckpointError,
     ModelFamily,
     ModelNotFoundError,
@@ -16,12 +17,8 @@ from erasure.pipeline import (
     UnsafeCheckpointError,
     default_image_size,
     detect_family,
-    encode_prompts,
     load_pipeline,
-    predict_noise,
     prediction_type,
-    save_single_file,
-    unconditional_conditioning,
 )
 from erasure.testing import TINY_WORDS, save_tiny_pipeline, tiny_pipeline, tiny_tokenizer
 

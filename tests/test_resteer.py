@@ -11,10 +11,10 @@ from erasure.attention import (
     token_mask,
 )
 from erasure.concepts import Concept, EraseRequest
+from erasure.diffusion import encode_prompts
 from erasure.methods import METHODS, get_method
 from erasure.methods.base import select_unet_parameters
 from erasure.methods.resteer import Resteer, ResteerConfig, concept_token_positions
-from erasure.pipeline import encode_prompts
 from erasure.sampling import forward_noise, images_to_latents
 from erasure.testing import tiny_pipeline
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 from PIL import Image
 
-from erasure.pipeline import ModelFamily, detect_family, encode_prompts
+from erasure.diffusion import encode_prompts
+from erasure.pipeline import ModelFamily, detect_family
 from erasure.sampling import (
     ddim_scheduler,
     ddim_trajectory,

@@ -5,9 +5,9 @@ import torch
 from conftest import load_script
 
 from erasure.concepts import request_from_prompts
+from erasure.diffusion import encode_prompts
 from erasure.edit import Edit, pipeline_tensor
 from erasure.methods import get_method
-from erasure.pipeline import encode_prompts
 from erasure.testing import tiny_pipeline
 
 

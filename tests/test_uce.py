@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from erasure.concepts import Concept, EraseRequest, request_from_prompts
+from erasure.diffusion import encode_prompts
 from erasure.edit import pipeline_tensor
 from erasure.methods import get_method
 from erasure.methods.closed_form import RidgeSolver, ridge_objective, ridge_solution
 from erasure.methods.uce import UCEConfig
-from erasure.pipeline import encode_prompts
 from erasure.testing import tiny_pipeline
 
 # --- the ridge solver -------------------------------------------------------------------------------------------

@@ -78,9 +78,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from erasure.concepts import EraseRequest
+from erasure.diffusion import Conditioning, encode_prompts, predict_noise, unconditional_conditioning
 from erasure.methods import register
 from erasure.methods.base import EraseMethod, MethodConfig, NonFiniteEditError, select_unet_parameters
-from erasure.pipeline import Conditioning, encode_prompts, predict_noise, unconditional_conditioning
 from erasure.sampling import ddim_trajectory, partial_ddim
 
 logger = logging.getLogger(__name__)

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from erasure.attention import CrossAttentionRecorder, record_cross_attention, token_indices, token_mask
 from erasure.concepts import Concept, EraseRequest
+from erasure.diffusion import encode_prompts
 from erasure.generate import generate
 from erasure.methods import register
 from erasure.methods.base import (
@@ -48,7 +49,6 @@ from erasure.methods.base import (
     pipeline_tokenizers,
     select_unet_parameters,
 )
-from erasure.pipeline import encode_prompts
 from erasure.sampling import forward_noise, images_to_latents
 
 logger = logging.getLogger(__name__)

@@ -46,10 +46,10 @@ from torch import Tensor
 
 from erasure.attention import token_indices
 from erasure.concepts import Concept, EraseRequest
+from erasure.diffusion import encode_prompts
 from erasure.methods import register
 from erasure.methods.base import EraseMethod, MethodConfig, pipeline_tokenizers
 from erasure.methods.closed_form import RidgeSolver
-from erasure.pipeline import encode_prompts
 
 logger = logging.getLogger(__name__)
 
