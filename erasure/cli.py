@@ -509,12 +509,12 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from erasure.edit import Edit
     from erasure.export import BIAS_ADAPTER, export_edit
+    from erasure.methods import load_edit
 
     if args.out.exists():  # before the edit is read: the cheapest check first
         raise FileExistsError(f"{args.out} already exists; choose another --out")
-    edit = Edit.load(args.run, require_fingerprint=not args.no_base_check)
+    edit = load_edit(args.run, require_fingerprint=not args.no_base_check)
     out, skipped = export_edit(
         edit,
         args.out,
@@ -610,93 +610,31 @@ def _add_grid(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_grid)
 
 
-def _grid_rows(args: argparse.Namespace) -> list:
-    """Prompt rows of ``grid``: a concept file's held-out prompts (else its erase/preserve prompts), or a CSV."""
-    from erasure.prompt_sets import PromptRow, load_prompt_csv, rows_from_request
-
-    if args.prompts:
-        return load_prompt_csv(args.prompts)
-    from erasure.concepts import load_concepts
-
-    request = load_concepts(args.concept)
-    try:
-        rows = rows_from_request(request)
-    except ValueError:  # no held-out prompts: show the prompts the method saw
-        prompts = [(p, "erased") for p in request.erase_prompts] + [(p, "preserved") for p in request.preserve_prompts]
-        rows = [PromptRow(i, prompt, 0, type=kind) for i, (prompt, kind) in enumerate(prompts)]
-    return rows
-
-
 def _run_grid(args: argparse.Namespace) -> int:
-    import dataclasses
+    from erasure.comparison import make_grid
 
-    from erasure.grid import comparison_grid, comparison_layout, folder_columns, save_grid, select_rows, to_pil_images
-
-    per_group = args.per_group or None
-    manifest: dict = {"format": "erasure-grid/1", "erasure_version": __version__}
-    if args.images:
-        if args.model or args.edit or args.concept or args.prompts:
-            raise ValueError("--images draws saved images; drop --model, --edit, --concept and --prompts")
-        columns, prompts, groups, seeds = folder_columns(args.images, per_group=per_group)
-        manifest |= {"source": "images", "folders": [str(f) for f in args.images]}
-    else:
-        from erasure.edit import Edit, fingerprint
-        from erasure.grid import generate_columns
-        from erasure.pipeline import load_pipeline
-
-        if not args.model:
-            raise ValueError("--model is required to generate images (or pass --images DIR to draw saved ones)")
-        if bool(args.concept) == bool(args.prompts):
-            raise ValueError("give one of --concept FILE or --prompts CSV")
-        rows = select_rows(_grid_rows(args), per_group)
-        if args.concept:
-            rows = [dataclasses.replace(row, evaluation_seed=args.seed + i) for i, row in enumerate(rows)]
-        prompts, groups, seeds = [r.prompt for r in rows], [r.role for r in rows], [r.evaluation_seed for r in rows]
-        edits, records = {}, []
-        for run in args.edit:
-            edit = Edit.load(run, require_fingerprint=not args.no_base_check)
-            label = f"{edit.config.get('method', 'edit')} ({Path(run).name})"
-            while label in edits or label == "base":
-                label += "'"
-            edits[label] = edit
-            method = edit.config.get("method")
-            records.append(
-                {"label": label, "path": str(run), "method": method, "fingerprint": fingerprint(edit.deltas)}
-            )
-        pipe = load_pipeline(args.model, device=_device(args.device))
-        pipe.set_progress_bar_config(disable=True)
-        columns = generate_columns(
-            pipe,
-            edits,
-            prompts,
-            seeds,
-            scale=args.scale,
-            max_relative_change=_max_relative_change(args),
-            steps=args.steps,
-            guidance_scale=args.guidance,
-            batch_size=args.batch_size,
-            progress=args.verbose or sys.stderr.isatty(),
-        )
-        manifest |= {
-            "source": str(args.concept or args.prompts),
-            "model": args.model,
-            "edits": records,
-            "scale": args.scale,
-            "steps": args.steps,
-            "guidance": args.guidance,
-        }
-    source = args.concept or args.prompts
-    title = args.title or (f"{Path(source).stem}: base vs {len(columns) - 1} edit(s)" if source else None)
-    image = comparison_grid(columns, prompts, groups, seeds, title=title, cell_size=args.cell_size)
-    size = to_pil_images(next(iter(columns.values()))[:1])[0].size
-    layout = comparison_layout(list(columns), groups, size, cell_size=args.cell_size, title=title)
-    manifest |= {
-        "columns": list(columns),
-        "rows": [{"prompt": p, "group": g, "seed": s} for p, g, s in zip(prompts, groups, seeds, strict=True)],
-        "layout": layout.to_dict(),
-    }
-    path = save_grid(image, args.out, manifest)
-    print(f"wrote {path} and {path.with_suffix('.json').name} ({len(prompts)} rows x {len(columns)} models)")
+    result = make_grid(
+        args.out,
+        model=args.model,
+        edits=args.edit,
+        concept=args.concept,
+        prompts=args.prompts,
+        image_folders=args.images,
+        per_group=args.per_group or None,
+        seed=args.seed,
+        scale=args.scale,
+        steps=args.steps,
+        guidance=args.guidance,
+        batch_size=args.batch_size,
+        cell_size=args.cell_size,
+        title=args.title,
+        device=_device(args.device),
+        base_check=not args.no_base_check,
+        max_relative_change=_max_relative_change(args),
+        progress=args.verbose or sys.stderr.isatty(),
+    )
+    json_name = result.path.with_suffix(".json").name
+    print(f"wrote {result.path} and {json_name} ({result.rows} rows x {result.columns} models)")
     return 0
 
 

@@ -79,7 +79,8 @@ def run_demo(
     from erasure.concepts import load_concepts
     from erasure.edit import Edit
     from erasure.evaluate import PromptSource, run_evaluation
-    from erasure.grid import comparison_grid, generate_columns, save_grid
+    from erasure.generate import generate_paired
+    from erasure.grid import comparison_grid, save_grid
     from erasure.methods import get_method
     from erasure.pipeline import load_pipeline
     from erasure.prompt_sets import file_sha256, rows_from_request
@@ -128,7 +129,7 @@ def run_demo(
                 seen[row.prompt] = seen.get(row.prompt, 0) + 1
                 chosen.append(row)
     prompts, seeds = [row.prompt for row in chosen], [row.evaluation_seed for row in chosen]
-    columns = generate_columns(pipe, {f"{method} (scale 1)": edit}, prompts, seeds, steps=steps,
+    columns = generate_paired(pipe, {f"{method} (scale 1)": edit}, prompts, seeds, steps=steps,
                                guidance_scale=guidance_scale)  # fmt: skip
     grid = comparison_grid(columns, prompts, [row.type for row in chosen], seeds,
                            title=f"erase {request.concepts[0].name} with {method}")  # fmt: skip

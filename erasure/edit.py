@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ __all__ = [
     "FingerprintMismatchError",
     "fingerprint",
     "pipeline_tensor",
-    "replay",
     "stack",
 ]
 
@@ -335,10 +334,13 @@ class Edit:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path, *, require_fingerprint: bool = True) -> Edit:
+    def load(
+        cls, folder: str | Path, *, require_fingerprint: bool = True, known_methods: Collection[str] | None = None
+    ) -> Edit:
         """Read an edit folder written by :meth:`save` (safetensors only; nothing is unpickled), and validate it.
 
-        Validation (:func:`validate_edit`): the config names a known method, every delta is finite, and the
+        Validation (:func:`validate_edit`): the config names a method (one of ``known_methods`` when given:
+        :func:`erasure.methods.load_edit` passes the registered names), every delta is finite, and the
         base fingerprint is there -- without it nothing could tell that the edit is applied to the model it was
         made from. ``require_fingerprint=False`` accepts an edit without one; the caller must record that the check
         was skipped in whatever it writes (``base_check: skipped``).
@@ -369,15 +371,10 @@ class Edit:
         bad = [key for key in deltas if key.partition(".")[0] not in COMPONENTS]
         if bad:
             raise EditFormatError(f"{weights_path} holds {bad[0]!r}, which is not an edit key; is it an edit?")
-        validate_edit(deltas, config, where=str(folder), require_fingerprint=require_fingerprint)
+        validate_edit(
+            deltas, config, where=str(folder), require_fingerprint=require_fingerprint, known_methods=known_methods
+        )
         return cls(deltas, config)
-
-
-def known_method_names() -> set[str]:
-    """Names an edit config may give as its ``method``: the registered methods, ``stack`` and ``state_dict``."""
-    from erasure.methods import METHODS
-
-    return {*METHODS, "stack", STATE_DICT_METHOD}
 
 
 def validate_edit(
@@ -386,10 +383,12 @@ def validate_edit(
     *,
     where: str = "the edit",
     require_fingerprint: bool = True,
+    known_methods: Collection[str] | None = None,
 ) -> None:
     """Refuse an edit whose metadata is incomplete or tampered with, or whose deltas are not finite.
 
-    Checks: ``method`` is a known method name (a stack's parts too); a stack lists ``parts`` that cover its
+    Checks: ``method`` is named, and is one of ``known_methods`` when given (a stack's parts too; ``stack`` and
+    ``state_dict`` are always known); a stack lists ``parts`` that cover its
     tensors; every delta is finite; with ``require_fingerprint``, every base fingerprint is present.
 
     Raises:
@@ -398,12 +397,12 @@ def validate_edit(
     method = config.get("method")
     if not isinstance(method, str) or not method:
         raise EditFormatError(f"{where}: edit_config.json has no 'method'; it is incomplete or was altered.")
-    known = known_method_names()
+    known = None if known_methods is None else {*known_methods, "stack", STATE_DICT_METHOD}
     parts = config.get("parts") if method == "stack" else None
     if method == "stack" and not isinstance(parts, list):
         raise EditFormatError(f"{where}: a stacked edit must list its 'parts' in edit_config.json.")
     for name in [method] + [str((part.get("config") or {}).get("method", "")) for part in parts or []]:
-        if name not in known:
+        if known is not None and name not in known:
             raise EditFormatError(
                 f"{where}: edit_config.json names method {name!r}, which erasure does not know "
                 f"(known: {', '.join(sorted(known))}); the file was altered or comes from another tool."
@@ -456,42 +455,3 @@ def stack(edits: Iterable[Edit]) -> Edit:
         "base_model": edits[0].config.get("base_model", ""),
     }
     return Edit(deltas, config)
-
-
-def replay(folder_or_config: str | Path | Mapping[str, Any], pipe: Any, **apply_kwargs: Any) -> Edit:
-    """Re-run the method recorded in an edit config on ``pipe`` (same method, config and request).
-
-    Args:
-        folder_or_config: An edit folder, an ``edit_config.json`` path, or the config dict itself.
-        pipe: The base pipeline.
-        **apply_kwargs: Passed to :meth:`erasure.methods.base.EraseMethod.apply` (``images``, ``progress``).
-
-    Returns:
-        The new edit; with the same seed and base it equals the recorded one (up to non-deterministic kernels).
-    """
-    from erasure.concepts import EraseRequest
-    from erasure.methods import get_method
-
-    if isinstance(folder_or_config, Mapping):
-        config = dict(folder_or_config)
-    else:
-        path = Path(folder_or_config)
-        path = path / CONFIG_NAME if path.is_dir() else path
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise EditFormatError(f"Cannot read the edit config {path}: {error}") from error
-    if config.get("method") == STATE_DICT_METHOD:
-        raise EditFormatError(
-            "This edit was made from a state dict (Edit.from_state_dict), not by a method; there is nothing to "
-            "replay: apply it with Edit.apply_to."
-        )
-    if config.get("method") == "stack":
-        return stack(replay(part["config"], pipe, **apply_kwargs) for part in config["parts"])
-    for name in ("method", "method_config", "request"):
-        if name not in config:
-            raise EditFormatError(f"The edit config has no '{name}'; it cannot be replayed.")
-    method = get_method(config["method"], **config["method_config"])
-    request = EraseRequest.from_dict(config["request"])
-    apply_kwargs.setdefault("base_model", config.get("base_model", ""))
-    return method.apply(pipe, request, **apply_kwargs)

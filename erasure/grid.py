@@ -47,12 +47,9 @@ __all__ = [
     "GridLayout",
     "comparison_grid",
     "comparison_layout",
-    "folder_columns",
-    "generate_columns",
     "group_order",
     "sample_grid",
     "save_grid",
-    "select_rows",
     "to_pil_images",
 ]
 
@@ -448,140 +445,8 @@ def sample_grid(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Generation of the columns and saving
+# Saving
 # --------------------------------------------------------------------------------------------------------------
-
-
-def generate_columns(
-    pipe: Any,
-    edits: Mapping[str, Any],
-    prompts: Sequence[str],
-    seeds: Sequence[int],
-    *,
-    base_label: str = "base",
-    scale: float = 1.0,
-    max_relative_change: float | None = None,
-    **generate_kwargs: Any,
-) -> dict[str, np.ndarray]:
-    """Images of the base model and of each edit, from the same prompts and seeds.
-
-    Each edit is applied to ``pipe`` alone (``Edit.apply_to``), its images generated, and reverted before the
-    next, also when generation fails, so ``pipe`` ends with its base weights.
-
-    Args:
-        pipe: The base pipeline.
-        edits: Column label -> :class:`erasure.edit.Edit`.
-        prompts: One prompt per row.
-        seeds: One seed per row (every column of a row uses it).
-        base_label: Label of the base column.
-        scale: Strength at which each edit is applied.
-        max_relative_change: Passed to :meth:`erasure.edit.Edit.apply_to` (its default when ``None``).
-        **generate_kwargs: Passed to :func:`erasure.generate.generate` (``steps``, ``guidance_scale``, ...).
-
-    Returns:
-        ``{base_label: images, label: images, ...}``, each ``(N, H, W, 3)`` uint8.
-    """
-    from erasure.generate import generate
-
-    if base_label in edits:
-        raise ValueError(f"An edit is labelled '{base_label}', the label of the base column; rename it.")
-    columns = {base_label: generate(pipe, prompts, seeds, **generate_kwargs)}
-    for label, edit in edits.items():
-        logger.info("Generating %d images with edit '%s' (scale %s).", len(prompts), label, scale)
-        limit = {} if max_relative_change is None else {"max_relative_change": max_relative_change}
-        edit.apply_to(pipe, scale=scale, **limit)
-        try:
-            columns[label] = generate(pipe, prompts, seeds, **generate_kwargs)
-        finally:
-            edit.revert(pipe)
-    return columns
-
-
-def select_rows(rows: Sequence[Any], per_group: int | None = 4) -> list[Any]:
-    """Rows for a grid: the first row of each distinct prompt, at most ``per_group`` per role, in input order.
-
-    Args:
-        rows: :class:`erasure.prompt_sets.PromptRow` objects (anything with ``prompt`` and ``role``).
-        per_group: Most prompts per role (``None``: all).
-
-    Returns:
-        The chosen rows, in input order.
-    """
-    chosen, prompts, counts = [], set(), {}
-    for row in rows:
-        if row.prompt in prompts or (per_group is not None and counts.get(row.role, 0) >= per_group):
-            continue
-        prompts.add(row.prompt)
-        counts[row.role] = counts.get(row.role, 0) + 1
-        chosen.append(row)
-    return chosen
-
-
-@dataclass(frozen=True)
-class _FolderRow:
-    key: tuple[int, int]
-    prompt: str
-    role: str
-    seed: int
-
-
-def folder_columns(
-    folders: Sequence[str | Path], per_group: int | None = 4
-) -> tuple[dict[str, list[Image.Image]], list[str], list[str], list[int]]:
-    """Grid columns from saved image folders (``erasure evaluate`` output), matched by prompt row and seed.
-
-    Each folder is one column: an image folder with a ``manifest.json`` (:func:`erasure.files.save_images`),
-    or an evaluation folder, whose ``images/<model>`` subfolders each become a column (``base`` first). Only
-    images present in every column are shown: per prompt row the first image index, at most ``per_group`` rows per
-    role.
-
-    Args:
-        folders: The folders, in column order.
-        per_group: Most prompts per role (``None``: all).
-
-    Returns:
-        ``(columns, prompts, groups, seeds)`` for :func:`comparison_grid`.
-
-    Raises:
-        ValueError: If a folder has no manifest describing its images, or the folders share no image.
-    """
-    from erasure.files import load_image, read_image_folder
-    from erasure.prompt_sets import role_of
-
-    expanded: list[Path] = []
-    for folder in map(Path, folders):
-        subfolders = sorted(p for p in (folder / "images").glob("*") if p.is_dir()) if folder.is_dir() else []
-        expanded += sorted(subfolders, key=lambda p: p.name != "base") if subfolders else [folder]
-    tables: dict[str, dict[tuple[int, int], Any]] = {}
-    for folder in expanded:
-        records, metadata, _ = read_image_folder(folder)
-        if any(record.case_number is None or "prompt" not in record.info for record in records):
-            raise ValueError(
-                f"{folder} has no manifest.json saying which prompt each image shows; grids need folders written by "
-                "erasure evaluate (or erasure.files.save_images)."
-            )
-        label = str(metadata.get("model") or folder.name)
-        while label in tables:
-            label += "'"
-        tables[label] = {(record.case_number, record.index or 0): record for record in records}
-    shared = set.intersection(*(set(table) for table in tables.values())) if tables else set()
-    if not shared:
-        raise ValueError(f"The folders {', '.join(map(str, expanded))} share no image (case_number, index).")
-    first = next(iter(tables.values()))
-    keys = sorted(shared)
-    best: dict[int, tuple[int, int]] = {}
-    for key in keys:
-        best.setdefault(key[0], key)
-
-    rows = []
-    for key in best.values():
-        info = first[key].info
-        row_type = str((info.get("row") or {}).get("type") or info.get("type") or "")
-        seed = info.get("seed", (info.get("row") or {}).get("evaluation_seed", 0))
-        rows.append(_FolderRow(key, str(info["prompt"]), role_of(row_type), int(seed or 0)))
-    rows = select_rows(rows, per_group)
-    columns = {label: [to_pil(load_image(table[row.key].path)) for row in rows] for label, table in tables.items()}
-    return columns, [row.prompt for row in rows], [row.role for row in rows], [row.seed for row in rows]
 
 
 def save_grid(image: Image.Image, path: str | Path, manifest: Mapping[str, Any] | None = None) -> Path:

@@ -266,7 +266,8 @@ def evaluation_grid(evaluation: Evaluation, per_group: int = 4) -> Image.Image |
 
     Per role, the first ``per_group`` prompt rows (their first image) that every model has an image of.
     """
-    from erasure.grid import comparison_grid, select_rows
+    from erasure.comparison import select_rows
+    from erasure.grid import comparison_grid
 
     by_model: dict[str, dict[int, dict[str, str]]] = {}
     for row in evaluation.per_image:

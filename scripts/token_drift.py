@@ -24,6 +24,7 @@ import torch
 
 from erasure.diffusion import encode_prompts
 from erasure.edit import Edit
+from erasure.methods import load_edit
 from erasure.methods.base import select_unet_parameters
 from erasure.pipeline import load_pipeline
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", nargs="+", required=True, help="prompts to read")
     args = parser.parse_args(argv)
     try:
-        edit = Edit.load(args.edit)
+        edit = load_edit(args.edit)
         pipe = load_pipeline(args.model)
         drift = token_drift(pipe, edit, args.prompt)
     except (OSError, ValueError) as error:

@@ -15,10 +15,9 @@ from erasure.edit import (
     FingerprintMismatchError,
     fingerprint,
     pipeline_tensor,
-    replay,
     stack,
 )
-from erasure.methods import get_method
+from erasure.methods import get_method, load_edit, replay
 from erasure.testing import tiny_pipeline
 
 KEY_A = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
@@ -302,7 +301,15 @@ def test_load_refuses_incomplete_or_altered_configs(pipe, tmp_path, changes, mes
     folder = make_edit(pipe).save(tmp_path / "run")
     _tamper(folder, **changes)
     with pytest.raises(EditFormatError, match=message):
-        Edit.load(folder)
+        load_edit(folder)  # what every command reads edits with: the method name is checked against the registry
+
+
+def test_edit_load_checks_method_names_only_against_the_names_it_is_given(pipe, tmp_path):
+    folder = make_edit(pipe).save(tmp_path / "run")
+    _tamper(folder, method="uce-but-renamed")
+    assert Edit.load(folder).config["method"] == "uce-but-renamed"  # the format layer knows no method registry
+    with pytest.raises(EditFormatError, match="names method 'uce-but-renamed'"):
+        Edit.load(folder, known_methods={"uce"})
 
 
 def test_an_empty_config_is_refused_and_a_missing_fingerprint_only_when_asked(pipe, tmp_path):

@@ -8,17 +8,11 @@ import torch
 from PIL import Image
 
 from erasure.cli import main
+from erasure.comparison import folder_columns, select_rows
 from erasure.edit import Edit, fingerprint
 from erasure.files import save_images
-from erasure.grid import (
-    comparison_grid,
-    comparison_layout,
-    folder_columns,
-    generate_columns,
-    sample_grid,
-    save_grid,
-    select_rows,
-)
+from erasure.generate import generate_paired
+from erasure.grid import comparison_grid, comparison_layout, sample_grid, save_grid
 from erasure.prompt_sets import PromptRow
 from erasure.testing import save_tiny_pipeline, tiny_pipeline
 
@@ -159,7 +153,7 @@ def first_attn2_key(pipe):
     return next(f"unet.{name}" for name, _ in pipe.unet.named_parameters() if "attn2.to_k" in name)
 
 
-def test_generate_columns_pairs_seeds_and_restores_the_pipe():
+def test_generate_paired_pairs_seeds_and_restores_the_pipe():
     pipe = tiny_pipeline("sd1")
     key = first_attn2_key(pipe)
     weight = pipe.unet.get_parameter(key[len("unet.") :])
@@ -168,14 +162,14 @@ def test_generate_columns_pairs_seeds_and_restores_the_pipe():
         "zero": Edit({key: torch.zeros_like(weight)}, {"method": "uce"}),
         "strong": Edit({key: weight.detach() * 3}, {"method": "uce"}),  # large, but within the 10x limit
     }
-    out = generate_columns(pipe, edits, ["a cat", "a dog"], [1, 2], steps=2, progress=False)
+    out = generate_paired(pipe, edits, ["a cat", "a dog"], [1, 2], steps=2, progress=False)
     assert list(out) == ["base", "zero", "strong"]
     assert out["base"].shape == (2, 64, 64, 3) and out["base"].dtype == np.uint8
     np.testing.assert_array_equal(out["zero"], out["base"])  # same prompt and seed, same weights: same image
     assert not np.array_equal(out["strong"], out["base"])
     assert torch.equal(weight, before)
     with pytest.raises(ValueError, match="base"):
-        generate_columns(pipe, {"base": edits["zero"]}, ["a"], [0])
+        generate_paired(pipe, {"base": edits["zero"]}, ["a"], [0])
 
 
 def write_folder(folder, colour, label, count=4):

@@ -13,13 +13,28 @@ with :func:`register`. One class may be registered under several names with diff
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
+from erasure.concepts import EraseRequest
+from erasure.edit import CONFIG_NAME, STATE_DICT_METHOD, Edit, EditFormatError, stack
 from erasure.methods.base import EraseMethod, MethodConfig
 
-__all__ = ["METHODS", "PRESETS", "EraseMethod", "MethodConfig", "get_method", "method_names", "register"]
+__all__ = [
+    "METHODS",
+    "PRESETS",
+    "EraseMethod",
+    "MethodConfig",
+    "get_method",
+    "known_method_names",
+    "load_edit",
+    "method_names",
+    "register",
+    "replay",
+]
 
 #: Registered name -> method class.
 METHODS: dict[str, type[EraseMethod]] = {}
@@ -74,6 +89,56 @@ def get_method(name: str, **overrides: Any) -> EraseMethod:
     method = cls(config)
     method.name = key  # the registered name (presets share one class)
     return method
+
+
+def known_method_names() -> set[str]:
+    """Names an edit config may give as its ``method``: the registered methods, ``stack`` and ``state_dict``."""
+    return {*METHODS, "stack", STATE_DICT_METHOD}
+
+
+def load_edit(folder: str | Path, *, require_fingerprint: bool = True) -> Edit:
+    """:meth:`erasure.edit.Edit.load`, also refusing an edit whose config names a method erasure does not know.
+
+    Every command that reads an edit goes through here: an unknown method name means the file was altered or
+    comes from another tool, and its deltas cannot be trusted to be what the name says.
+    """
+    return Edit.load(folder, require_fingerprint=require_fingerprint, known_methods=known_method_names())
+
+
+def replay(folder_or_config: str | Path | Mapping[str, Any], pipe: Any, **apply_kwargs: Any) -> Edit:
+    """Re-run the method recorded in an edit config on ``pipe`` (same method, config and request).
+
+    Args:
+        folder_or_config: An edit folder, an ``edit_config.json`` path, or the config dict itself.
+        pipe: The base pipeline.
+        **apply_kwargs: Passed to :meth:`erasure.methods.base.EraseMethod.apply` (``images``, ``progress``).
+
+    Returns:
+        The new edit; with the same seed and base it equals the recorded one (up to non-deterministic kernels).
+    """
+    if isinstance(folder_or_config, Mapping):
+        config = dict(folder_or_config)
+    else:
+        path = Path(folder_or_config)
+        path = path / CONFIG_NAME if path.is_dir() else path
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise EditFormatError(f"Cannot read the edit config {path}: {error}") from error
+    if config.get("method") == STATE_DICT_METHOD:
+        raise EditFormatError(
+            "This edit was made from a state dict (Edit.from_state_dict), not by a method; there is nothing to "
+            "replay: apply it with Edit.apply_to."
+        )
+    if config.get("method") == "stack":
+        return stack(replay(part["config"], pipe, **apply_kwargs) for part in config["parts"])
+    for name in ("method", "method_config", "request"):
+        if name not in config:
+            raise EditFormatError(f"The edit config has no '{name}'; it cannot be replayed.")
+    method = get_method(config["method"], **config["method_config"])
+    request = EraseRequest.from_dict(config["request"])
+    apply_kwargs.setdefault("base_model", config.get("base_model", ""))
+    return method.apply(pipe, request, **apply_kwargs)
 
 
 def _import_method_modules() -> None:
