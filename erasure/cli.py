@@ -407,29 +407,12 @@ def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_images(folder: Path) -> object:
-    """Images of a folder as RGB PIL images; with subfolders, ``{subfolder name: images}``."""
-    from PIL import Image
-
-    if not folder.is_dir():
-        raise FileNotFoundError(f"--images {folder} is not a folder.")
-    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-    def read(path: Path) -> list:
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
-        if not files:
-            raise FileNotFoundError(f"No images (png/jpg/webp/bmp) in {path}.")
-        return [Image.open(p).convert("RGB") for p in files]
-
-    subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
-    return {p.name: read(p) for p in subfolders} if subfolders else read(folder)
-
-
 def _run_erase(args: argparse.Namespace) -> int:
     import torch
 
     from erasure.concepts import EraseRequest, load_concepts, request_from_prompts
     from erasure.edit import CONFIG_NAME
+    from erasure.files import load_training_images
     from erasure.methods import get_method
     from erasure.pipeline import load_pipeline
 
@@ -452,7 +435,7 @@ def _run_erase(args: argparse.Namespace) -> int:
         key.removeprefix("method__"): value for key, value in vars(args).items() if key.startswith("method__")
     }
     method = get_method(args.method, **overrides)
-    images = _load_images(args.images) if args.images is not None else None
+    images = load_training_images(args.images) if args.images is not None else None
     pipe = load_pipeline(args.model, device=_device(args.device), dtype=getattr(torch, args.dtype))
     edit = method.apply(
         pipe, request, images=images, progress=not args.no_progress, base_model=args.base_model_name or str(args.model)

@@ -317,3 +317,38 @@ def load_image(path: str | Path) -> np.ndarray:
 
     with Image.open(path) as image:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+TRAINING_IMAGE_SUFFIXES = (*IMAGE_SUFFIXES, ".bmp")
+
+
+def load_training_images(folder: str | Path) -> list[Any] | dict[str, list[Any]]:
+    """A method's training images as RGB PIL images: the folder's images, or ``{subfolder name: images}``.
+
+    Subfolders name the concepts their images show (one per concept of a multi-concept request); a folder without
+    subfolders holds the images of a single concept. Files are read in name order.
+
+    Raises:
+        ImageFolderError: No such folder, a folder without images, or a file that is not a readable image (named).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageFolderError(f"--images {folder} is not a folder.")
+
+    def read(path: Path) -> list[Any]:
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in TRAINING_IMAGE_SUFFIXES and p.is_file())
+        if not files:
+            raise ImageFolderError(f"No images ({', '.join(TRAINING_IMAGE_SUFFIXES)}) in {path}.")
+        images = []
+        for file in files:
+            try:
+                with Image.open(file) as image:
+                    images.append(image.convert("RGB"))
+            except (OSError, UnidentifiedImageError) as error:
+                raise ImageFolderError(f"{file} is not a readable image ({error}); remove or replace it.") from error
+        return images
+
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
+    return {p.name: read(p) for p in subfolders} if subfolders else read(folder)
