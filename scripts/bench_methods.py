@@ -262,9 +262,9 @@ class Recorder:
         ("erasure.methods.esd", "encode_prompts", "encode_prompts", False),
         ("erasure.methods.esd", "unconditional_conditioning", "encode_prompts", False),
         ("erasure.methods.esd", "partial_ddim", "partial_ddim", False),
-        ("erasure.methods.resteer", "encode_prompts", "encode_prompts", False),
-        ("erasure.methods.resteer", "generate", "generate_images", True),
-        ("erasure.methods.resteer", "images_to_latents", "vae_encode", False),
+        ("erasure.methods.forget_me_not", "encode_prompts", "encode_prompts", False),
+        ("erasure.methods.forget_me_not", "generate", "generate_images", True),
+        ("erasure.methods.forget_me_not", "images_to_latents", "vae_encode", False),
         ("erasure.methods.base", "fingerprint", "fingerprint", False),
     )
 

@@ -14,12 +14,12 @@ from erasure.concepts import Concept, EraseRequest
 from erasure.diffusion import encode_prompts
 from erasure.methods import METHODS, get_method
 from erasure.methods.base import select_unet_parameters
-from erasure.methods.resteer import Resteer, ResteerConfig, concept_token_positions
+from erasure.methods.forget_me_not import ForgetMeNot, ForgetMeNotConfig, concept_token_positions
 from erasure.sampling import forward_noise, images_to_latents
 from erasure.testing import tiny_pipeline
 
 PIP = Concept(name="pip", kind="character", erase=("a picture of pip", "pip"))
-FAST = Resteer.test_config()
+FAST = ForgetMeNot.test_config()
 
 
 def _unet_output(pipe, x, t, cond):
@@ -137,7 +137,7 @@ def test_generated_images_and_whole_unet_option():
     pipe = tiny_pipeline("sd2")
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     edit = get_method("fmn", **FAST, parameters="unet", lr=1e-4).apply(pipe, EraseRequest((PIP,)), progress=False)
-    assert METHODS["fmn"] is METHODS["resteer"] is Resteer
+    assert METHODS["fmn"] is METHODS["resteer"] is ForgetMeNot
     assert edit.config["stats"]["generated_images"] is True and edit.config["stats"]["images"] == 2
     assert any(".attn2." not in k for k in edit.deltas)  # layers before a cross-attention move its queries
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
@@ -164,8 +164,9 @@ def test_prompts_without_the_concept_words_are_refused():
 
 
 def test_config_validation():
-    assert ResteerConfig().steps == 35 and ResteerConfig().lr == 2e-6 and ResteerConfig().parameters == "xattn"
-    assert isinstance(ResteerConfig(lr="1e-5").lr, float)
+    default = ForgetMeNotConfig()
+    assert default.steps == 35 and default.lr == 2e-6 and default.parameters == "xattn"
+    assert isinstance(ForgetMeNotConfig(lr="1e-5").lr, float)
     for bad in ({"parameters": "noxattn"}, {"steps": 0}, {"lr": 0.0}, {"resolution": 4}):
         with pytest.raises(ValueError):
-            ResteerConfig(**bad)
+            ForgetMeNotConfig(**bad)

@@ -39,8 +39,9 @@ Presets (``preset``), filled into any of ``iterations``, ``lr``, ``eta``, ``samp
   paper's reported results, so an ESD number from this library means the paper's ESD.
 * ``fast``: ``diffusers``' settings with the ``cached`` sampler: 8 trajectories of 25 DDIM steps.
 * ``diffusers``: 200 iterations, lr 5e-5, eta 1, ``frozen`` trajectories -- the authors' newer script
-  (``esd_sd.py``), about 5x cheaper. That script writes the target as ``eps*(x_t, c) - g * (eps*(x_t, c) -
-  eps*(x_t))`` with ``negative_guidance`` ``g = 2``; with the unconditional anchor this is
+  (``esd_sd.py``), with a fifth of ``paper``'s iterations. That script writes the target as
+  ``eps*(x_t, c) - g * (eps*(x_t, c) - eps*(x_t))`` with ``negative_guidance`` ``g = 2``; with the unconditional
+  anchor this is
   ``eps*(x_t) - (g - 1) * (eps*(x_t, c) - eps*(x_t))``, i.e. Eq. 7 with ``eta = g - 1 = 1``.
 
 Variants, by the parameters trained (registered names): ``esd-x`` cross-attention (``xattn``), ``esd-u`` everything

@@ -9,7 +9,7 @@ is the L2 norm of the attention on the concept's own token positions ``T(p)`` (p
     L = || concat_{l, heads, queries} A_l[..., T(p)] ||_2 = sqrt( sum_l sum_{h, q, k in T(p)} A_l[h, q, k]^2 )
 
 :class:`~erasure.attention.CrossAttentionRecorder` accumulates ``sum A^2`` per layer through a swapped attention
-processor; :meth:`Resteer._erase` takes the square root and steps AdamW (official config: lr 2e-6, weight decay
+processor; :meth:`ForgetMeNot._erase` takes the square root and steps AdamW (official config: lr 2e-6, weight decay
 0.01, gradient clipping at norm 1, 35 steps, batch 1).
 
 ``T(p)`` comes from :func:`erasure.attention.token_indices`: only the concept's words (``Concept.words``, default its
@@ -53,13 +53,13 @@ from erasure.sampling import forward_noise, images_to_latents
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Resteer", "ResteerConfig", "concept_token_positions"]
+__all__ = ["ForgetMeNot", "ForgetMeNotConfig", "concept_token_positions"]
 
 PARAMETER_CHOICES = ("xattn", "unet", "xattn_kv")
 
 
 @dataclass
-class ResteerConfig(MethodConfig):
+class ForgetMeNotConfig(MethodConfig):
     """Forget-Me-Not settings; defaults follow the paper (35 steps) and the official ``configs/attn.yaml``."""
 
     parameters: str = field(
@@ -68,7 +68,7 @@ class ResteerConfig(MethodConfig):
     steps: int = field(default=35, metadata={"help": "optimisation steps"})
     lr: float = field(
         default=2e-6,
-        metadata={"help": "AdamW learning rate (official 2e-6; the toy-world model needs ~1e-4, see README)"},
+        metadata={"help": "AdamW learning rate (official 2e-6)"},
     )
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 turns it off)"})
@@ -125,13 +125,13 @@ def _loss_summary(losses: list[float], points: int = 20) -> dict[str, Any]:
 
 @register("fmn")
 @register("resteer")
-class Resteer(EraseMethod):
+class ForgetMeNot(EraseMethod):
     """Forget-Me-Not: minimise the cross-attention on the concept's tokens over noised images of the concept."""
 
     name = "resteer"
-    config_class = ResteerConfig
+    config_class = ForgetMeNotConfig
     parameter_preset = "xattn"
-    config: ResteerConfig
+    config: ForgetMeNotConfig
 
     @classmethod
     def test_config(cls) -> dict[str, Any]:

@@ -20,9 +20,10 @@ Which token embeddings become the ``c_i``:
   attention). Preserve prompts use all their tokens after the start token.
 
 ``preserve_tokens`` can pick the preserve rows apart from the erase rows (default: as ``tokens``). With the last
-token only, nothing holds the other words of a prompt in place: on the toy world, erasing Pip (``last_subject``)
-moves the keys/values of "a picture of" in every prompt by 55-70% of their norm, and ``preserve_tokens = "all"``
-keeps them within 5% (``scripts/token_drift.py``; the README's measurements show what that does to images).
+token only, nothing holds the other words of a prompt in place: the least-squares solve is free to move the keys
+and values of every other token ("a picture of" in every prompt), and ``preserve_tokens = "all"`` adds those tokens
+as preservation rows, so they stay where they were (``scripts/token_drift.py`` measures the drift; the README
+reports it).
 
 Paired anchors (``Concept.anchor`` as a list, one per erase prompt) give each erase prompt's rows its own anchor.
 The text encoder is causal, so a concept token's embedding depends only on the words before it: erase prompts that
