@@ -118,9 +118,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
-    from erasure.evaluate import CLIP_CHOICES, DEFAULT_CLIP
+    from erasure.evaluation import CLIP_CHOICES, DEFAULT_CLIP, JUDGE_CHOICES
 
     choices = "; ".join(f"{name} ({why})" for name, why in CLIP_CHOICES.items())
+    judges = "; ".join(f"{name} ({why})" for name, why in JUDGE_CHOICES.items())
     parser = subparsers.add_parser(
         "evaluate",
         help=COMMAND_HELP["evaluate"],
@@ -160,7 +161,26 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         dest="templates",
         metavar="TEXT",
-        help="zero-shot template with {} for the class (repeatable; default depends on the CLIP)",
+        help="zero-shot template with {} for the class (repeatable; default: the CLIP folder's own, else photo "
+        "templates)",
+    )
+    parser.add_argument(
+        "--judge",
+        nargs="+",
+        action="extend",
+        default=[],
+        dest="judges",
+        metavar="NAME[:ARG]",
+        help="judge the images beside CLIP: target rate and neighbour rate with n and 95%% bootstrap intervals in "
+        f"metrics.json, verdicts in per_image_NAME.csv. Choices: {judges}",
+    )
+    parser.add_argument(
+        "--scales",
+        nargs="+",
+        type=FINITE_FLOAT,
+        metavar="S",
+        help="sweep the one --edit over these strengths (0: the base weights, measured like the others; 1: the "
+        "edit as made); also writes OUT/sweep.json for the report's trade-off plot",
     )
     parser.add_argument("--steps", type=POSITIVE_INT, default=25, help="denoising steps (default 25)")
     parser.add_argument(
@@ -193,7 +213,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _default_clip(model: str | None) -> str:
-    from erasure.evaluate import DEFAULT_CLIP
+    from erasure.evaluation import DEFAULT_CLIP
 
     if model:
         path = Path(model).expanduser()
@@ -204,31 +224,11 @@ def _default_clip(model: str | None) -> str:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from erasure.evaluate import EvaluationError, PromptSource, run_evaluation
-    from erasure.prompt_sets import file_sha256, load_prompt_csv, rows_from_request
+    from erasure.evaluation import prompt_rows, run_evaluation
 
-    if args.concept and args.prompts:
-        raise EvaluationError("Give --concept or --prompts, not both.")
-    if not (args.concept or args.prompts or args.images):
-        raise EvaluationError("Say what to evaluate: --concept FILE, --prompts CSV or --images DIR.")
-    if args.images and args.model:
-        raise EvaluationError("--images scores given images; drop --model (or drop --images to generate).")
-    if not args.images and not args.model:
-        raise EvaluationError("--model is required to generate images (or pass --images DIR to score a folder).")
-    if args.seeds_per_prompt < 1:
-        raise EvaluationError("--seeds-per-prompt must be at least 1.")
-    rows, source, images_per_row = None, None, args.seeds_per_prompt
-    if args.concept:
-        from erasure.concepts import load_concepts
-
-        try:
-            rows = rows_from_request(load_concepts(args.concept), args.seeds_per_prompt, base_seed=args.seed)
-        except ValueError as error:
-            raise EvaluationError(f"{args.concept}: {error}") from error
-        source, images_per_row = PromptSource("concepts", str(args.concept), file_sha256(args.concept)), 1
-    elif args.prompts:
-        rows = load_prompt_csv(args.prompts)
-        source = PromptSource("csv", str(args.prompts), file_sha256(args.prompts))
+    rows, source, images_per_row = prompt_rows(
+        args.concept, args.prompts, seeds_per_prompt=args.seeds_per_prompt, seed=args.seed
+    )
     out = run_evaluation(
         args.out,
         model=args.model,
@@ -239,6 +239,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         images=args.images,
         clip=args.clip or _default_clip(args.model),
         templates=args.templates,
+        judges=args.judges,
+        scales=args.scales,
         steps=args.steps,
         guidance=args.guidance,
         images_per_row=images_per_row,
@@ -333,6 +335,10 @@ def _method_options(name: str) -> list[tuple[object, str, object]]:
     return options
 
 
+def _option_type(kind: type) -> object:
+    return {int: number(int), float: FINITE_FLOAT}.get(kind, kind)
+
+
 def _add_method_options(parser: argparse.ArgumentParser, name: str) -> None:
     """One option per field of the method's config dataclass (type from its default or annotation)."""
     from erasure.methods import METHODS
@@ -344,6 +350,13 @@ def _add_method_options(parser: argparse.ArgumentParser, name: str) -> None:
         help_text += f" (default: {default!r})" if default is not None else ""
         kind = _field_type(field)
         dest = f"method__{field.name}"
+        aliases = [  # old spellings of a renamed option, accepted but not shown
+            "--" + old.replace("_", "-") for old, new in cls.config_class.renamed_options.items() if new == field.name
+        ]
+        for alias in aliases:
+            group.add_argument(
+                alias, dest=dest, type=_option_type(kind), default=argparse.SUPPRESS, help=argparse.SUPPRESS
+            )
         if kind is bool:
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
@@ -351,7 +364,7 @@ def _add_method_options(parser: argparse.ArgumentParser, name: str) -> None:
             group.add_argument(
                 flag,
                 dest=dest,
-                type={int: number(int), float: FINITE_FLOAT}.get(kind, kind),
+                type=_option_type(kind),
                 default=default,
                 choices=choices,
                 metavar=kind.__name__.upper(),

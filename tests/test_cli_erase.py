@@ -39,7 +39,7 @@ def model(tmp_path_factory):
 def run(model, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "uce-pip"
     argv = ["erase", "uce", "--model", str(model), "--prompt", "pip", "--prompt", "a picture of pip"]
-    argv += ["--preserve", "zog", "--lamb", "0.25", "--out", str(out), "--no-progress", "--device", "cpu"]
+    argv += ["--preserve", "zog", "--lam", "0.25", "--out", str(out), "--no-progress", "--device", "cpu"]
     assert main(argv) == 0
     return out
 
@@ -47,7 +47,7 @@ def run(model, tmp_path_factory):
 def test_erase_writes_an_edit(run, model):
     edit = Edit.load(run)
     assert edit.config["method"] == "uce"
-    assert edit.config["method_config"]["lamb"] == 0.25
+    assert edit.config["method_config"]["lam"] == 0.25
     assert edit.config["base_model"] == str(model)
     (concept,) = edit.config["request"]["concepts"]
     assert concept["erase"] == ["pip", "a picture of pip"] and concept["preserve"] == ["zog"]
@@ -65,8 +65,10 @@ def test_erase_from_a_concept_file(model, tmp_path, capsys):
 
 
 def test_float_options_parse_scientific_notation(model):
-    args = build_parser().parse_args(["erase", "uce", "--model", "m", "--prompt", "p", "--out", "o", "--lamb", "1e-5"])
-    assert args.method__lamb == pytest.approx(1e-5) and isinstance(args.method__lamb, float)
+    args = build_parser().parse_args(["erase", "uce", "--model", "m", "--prompt", "p", "--out", "o", "--lam", "1e-5"])
+    assert args.method__lam == pytest.approx(1e-5) and isinstance(args.method__lam, float)
+    old = build_parser().parse_args(["erase", "uce", "--model", "m", "--prompt", "p", "--out", "o", "--lamb", "2"])
+    assert old.method__lam == 2.0  # the old spelling still works, hidden from --help
 
 
 def test_erase_help_lists_the_method_options(capsys):
@@ -74,7 +76,7 @@ def test_erase_help_lists_the_method_options(capsys):
         main(["erase", "uce", "--help"])
     assert info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
-    for option in ("--erase-scale", "--preserve-scale", "--lamb", "--tokens", "--seed"):
+    for option in ("--erase-scale", "--preserve-scale", "--lam", "--tokens", "--seed"):
         assert option in text
     assert "(default: 0.5)" in text and "lambda" in text
 
@@ -85,10 +87,10 @@ def test_erase_help_lists_the_method_options(capsys):
         (["erase", "nope", "--model", "{model}", "--prompt", "pip", "--out", "{out}"], "unknown method 'nope'"),
         (["erase", "uce", "--model", "{tmp}/missing", "--prompt", "pip", "--out", "{out}"], "No such file"),
         (["erase", "uce", "--model", "{model}", "--out", "{out}"], "--concept FILE"),
-        (["erase", "uce", "--model", "{model}", "--prompt", "pip", "--out", "{out}", "--lamb", "-1"], "lamb"),
+        (["erase", "uce", "--model", "{model}", "--prompt", "pip", "--out", "{out}", "--lam", "-1"], "lam"),
         (
-            ["erase", "uce", "--model", "{model}", "--prompt", "pip", "--out", "{out}", "--lamb", "x"],
-            "--lamb: 'x' is not a number",
+            ["erase", "uce", "--model", "{model}", "--prompt", "pip", "--out", "{out}", "--lam", "x"],
+            "--lam: 'x' is not a number",
         ),
     ],
 )
@@ -113,7 +115,7 @@ def test_list_shows_methods_options_and_defaults(capsys):
     assert main(["list"]) == 0
     text = capsys.readouterr().out
     assert "uce: Unified Concept Editing" in text
-    assert "--lamb = 0.5" in text and "--tokens = 'last_subject'" in text
+    assert "--lam = 0.5" in text and "--tokens = 'last_subject'" in text
 
 
 def test_export_diffusers_folder_holds_the_edited_weights(run, model, tmp_path):

@@ -246,10 +246,10 @@ def test_stack_sums_deltas_and_checks_each_base(pipe):
 
 def test_replay_reproduces_the_edit(pipe, tmp_path):
     request = request_from_prompts(["pip", "a picture of pip"], preserve=["zog"])
-    edit = get_method("uce", lamb=0.25).apply(pipe, request, base_model="tiny-sd1")
+    edit = get_method("uce", lam=0.25).apply(pipe, request, base_model="tiny-sd1")
     folder = edit.save(tmp_path / "run")
     again = replay(folder, pipe)
-    assert again.config["method"] == "uce" and again.config["method_config"]["lamb"] == 0.25
+    assert again.config["method"] == "uce" and again.config["method_config"]["lam"] == 0.25
     assert again.config["base_model"] == "tiny-sd1"
     assert again.deltas.keys() == edit.deltas.keys()
     for key in edit.deltas:

@@ -19,7 +19,7 @@ def script():
 def test_drift_is_the_relative_key_value_change_averaged_over_the_edit(script):
     pipe = tiny_pipeline("sd1")
     request = request_from_prompts(["a picture of pip"], preserve=["a picture of zog"])
-    edit = get_method("uce", preserve_tokens="all", lamb=1e-3).apply(pipe, request)
+    edit = get_method("uce", preserve_tokens="all", lam=1e-3).apply(pipe, request)
     drift = script.token_drift(pipe, edit, ["a picture of pip", "a picture of zog"])
     embeddings = encode_prompts(pipe, ["a picture of pip", "a picture of zog"]).prompt_embeds.double()
     assert drift.shape == embeddings.shape[:2]

@@ -96,7 +96,7 @@ def test_uce_edits_exactly_the_cross_attention_key_value_weights(pipe):
 
 def test_uce_satisfies_its_normal_equations(pipe):
     erase, preserve, anchor = ["pip", "a picture of pip"], ["zog", "a red circle"], "a yellow circle"
-    config = {"erase_scale": 1.5, "preserve_scale": 0.7, "lamb": 0.4}
+    config = {"erase_scale": 1.5, "preserve_scale": 0.7, "lam": 0.4}
     request = request_from_prompts(erase, anchor=anchor, preserve=preserve)
     edit = get_method("uce", **config).apply(pipe, request)
     c_erase = torch.stack([last_token_embedding(pipe, p) for p in erase])
@@ -108,7 +108,7 @@ def test_uce_satisfies_its_normal_equations(pipe):
         # d/dW of  s_e sum_E |W c - W0 c_a|^2 + s_p sum_P |W c - W0 c|^2 + lam |W - W0|^2  (halved)
         erase_term = config["erase_scale"] * (c_erase @ w.T - c_anchor @ w0.T).T @ c_erase
         preserve_term = config["preserve_scale"] * (c_preserve @ (w - w0).T).T @ c_preserve
-        ridge_term = config["lamb"] * (w - w0)
+        ridge_term = config["lam"] * (w - w0)
         gradient = erase_term + preserve_term + ridge_term
         assert gradient.norm() < 1e-4 * ridge_term.norm(), key
 
@@ -116,7 +116,7 @@ def test_uce_satisfies_its_normal_equations(pipe):
 def test_uce_maps_erased_tokens_to_the_anchor_when_unregularised(pipe):
     erase = ["pip", "a picture of pip"]
     request = request_from_prompts(erase, anchor="a blue square")
-    edit = get_method("uce", lamb=1e-6).apply(pipe, request)
+    edit = get_method("uce", lam=1e-6).apply(pipe, request)
     c_anchor = last_token_embedding(pipe, "a blue square")
     for key in kv_keys(edit):
         w0 = pipeline_tensor(pipe, key).detach().double()
@@ -131,7 +131,7 @@ def test_uce_maps_erased_tokens_to_the_anchor_when_unregularised(pipe):
 def test_uce_keeps_preserved_outputs(pipe):
     preserve = ["zog", "a red circle"]
     request = request_from_prompts(["pip"], preserve=preserve)
-    strong = get_method("uce", lamb=1e-6, preserve_scale=1.0).apply(pipe, request)
+    strong = get_method("uce", lam=1e-6, preserve_scale=1.0).apply(pipe, request)
     for key in kv_keys(strong):
         for prompt in preserve:
             c = last_token_embedding(pipe, prompt)
@@ -144,7 +144,7 @@ def test_uce_erases_several_concepts_at_once(pipe):
         Concept(name="pip", kind="character", erase=("pip", "a picture of pip"), anchor=""),
         Concept(name="striped", kind="style", erase=("a striped red circle",), anchor="a red circle"),
     )
-    edit = get_method("uce", lamb=1e-6).apply(pipe, EraseRequest(concepts))
+    edit = get_method("uce", lam=1e-6).apply(pipe, EraseRequest(concepts))
     start = last_token_embedding(pipe, "")  # the anchor "" is the start token, as in the official code
     striped = encode_prompts(pipe, ["a striped red circle"]).prompt_embeds[0, 2].double()  # "striped" token
     for key in kv_keys(edit):
@@ -161,7 +161,7 @@ def test_uce_maps_each_erase_prompt_to_its_paired_anchor(pipe):
     # with the word first ("a striped red ...") both rows would be one input with two targets.
     pairs = {"red striped": "a red circle", "blue striped": "a blue square"}
     concept = Concept(name="striped", kind="style", erase=tuple(pairs), anchor=tuple(pairs.values()))
-    edit = get_method("uce", lamb=1e-6).apply(pipe, EraseRequest((concept,)))
+    edit = get_method("uce", lam=1e-6).apply(pipe, EraseRequest((concept,)))
     striped = {prompt: encode_prompts(pipe, [prompt]).prompt_embeds[0, 2].double() for prompt in pairs}
     assert edit.config["stats"]["erase_rows_with_conflicting_anchors"] == 0
     for key in kv_keys(edit):
@@ -179,7 +179,7 @@ def test_uce_maps_one_token_with_several_paired_anchors_to_their_mean(pipe, capl
     pairs = {"a striped red circle": "a red circle", "a striped blue square": "a blue square"}
     concept = Concept(name="striped", kind="style", erase=tuple(pairs), anchor=tuple(pairs.values()))
     with caplog.at_level("WARNING", logger="erasure.methods.uce"):
-        edit = get_method("uce", lamb=1e-6).apply(pipe, EraseRequest((concept,)))
+        edit = get_method("uce", lam=1e-6).apply(pipe, EraseRequest((concept,)))
     assert "2 of 2 erase rows share their token embedding" in caplog.text
     assert edit.config["stats"]["erase_rows_with_conflicting_anchors"] == 2
     striped = encode_prompts(pipe, ["a striped red circle"]).prompt_embeds[0, 2].double()
@@ -192,7 +192,7 @@ def test_uce_maps_one_token_with_several_paired_anchors_to_their_mean(pipe, capl
 
 def test_uce_all_tokens_maps_end_of_text_too(pipe):
     prompt = "a picture of pip"
-    edit = get_method("uce", lamb=1e-6, tokens="all_tokens").apply(pipe, request_from_prompts([prompt]))
+    edit = get_method("uce", lam=1e-6, tokens="all_tokens").apply(pipe, request_from_prompts([prompt]))
     embeds = encode_prompts(pipe, [prompt, ""]).prompt_embeds.double()
     end, anchor_end = len(pipe.tokenizer(prompt).input_ids) - 1, 1
     for key in kv_keys(edit):
@@ -206,7 +206,7 @@ def test_uce_all_tokens_maps_end_of_text_too(pipe):
 def test_uce_preserve_tokens_all_holds_every_word_of_the_preserve_prompts(pipe):
     """``preserve_tokens="all"``: last-token erase rows, and a preserve row for every token after the start."""
     erase, preserve = ["pip", "a picture of pip"], ["zog", "a red circle"]
-    config = {"preserve_scale": 0.7, "lamb": 0.4}
+    config = {"preserve_scale": 0.7, "lam": 0.4}
     request = request_from_prompts(erase, preserve=preserve)
     edit = get_method("uce", preserve_tokens="all", **config).apply(pipe, request)
     assert edit.config["method_config"]["preserve_tokens"] == "all"
@@ -222,7 +222,7 @@ def test_uce_preserve_tokens_all_holds_every_word_of_the_preserve_prompts(pipe):
         w = w0 + edit.deltas[key].double()
         erase_term = (c_erase @ w.T - c_anchor @ w0.T).T @ c_erase
         preserve_term = config["preserve_scale"] * (c_preserve @ (w - w0).T).T @ c_preserve
-        ridge_term = config["lamb"] * (w - w0)
+        ridge_term = config["lam"] * (w - w0)
         assert (erase_term + preserve_term + ridge_term).norm() < 1e-4 * ridge_term.norm(), key
     # the official default keeps one row per preserve prompt
     assert get_method("uce").apply(pipe, request).config["stats"]["preserve_rows"] == len(preserve)
@@ -237,9 +237,10 @@ def test_uce_config_is_validated():
     assert UCEConfig(tokens="all_tokens").preserve_tokens == "all"
     assert UCEConfig(tokens="all_tokens", preserve_tokens="last").preserve_tokens == "last"
     # configs written before preserve_tokens existed replay as they were made
-    assert UCEConfig.from_dict({"tokens": "last_subject", "lamb": 0.5}).preserve_tokens == "last"
-    with pytest.raises(ValueError, match="lamb must be"):
-        UCEConfig(lamb=-1)
+    old = UCEConfig.from_dict({"tokens": "last_subject", "lamb": 0.25})  # edit configs written before the rename
+    assert old.preserve_tokens == "last" and old.lam == 0.25
+    with pytest.raises(ValueError, match="lam must be"):
+        UCEConfig(lam=-1)
     with pytest.raises(ValueError, match="no option"):
         get_method("uce", learning_rate=1.0)
 

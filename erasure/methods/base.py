@@ -119,13 +119,18 @@ class MethodConfig:
 
     seed: int = field(default=0, metadata={"help": "seed of every random choice"})
 
+    #: Old option name -> current name. Edit configs written before a rename still load and replay; the command
+    #: line accepts the old spelling as a hidden alias.
+    renamed_options: ClassVar[dict[str, str]] = {}
+
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-friendly dict."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
-        """Build from a dict; unknown keys raise a ``ValueError`` that lists the known ones."""
+        """Build from a dict, old option names mapped to new; unknown keys raise a ``ValueError`` naming the known."""
+        data = {cls.renamed_options.get(key, key): value for key, value in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

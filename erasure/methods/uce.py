@@ -39,7 +39,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
@@ -64,9 +64,11 @@ ENCODE_CHUNK = 128
 class UCEConfig(MethodConfig):
     """UCE settings; defaults follow the official code (erase scale 1, preserve scale 1, lambda 0.5)."""
 
+    renamed_options: ClassVar[dict[str, str]] = {"lamb": "lam"}  # the official code's spelling, used until 0.1
+
     erase_scale: float = field(default=1.0, metadata={"help": "weight of each erase row (erase scale)"})
     preserve_scale: float = field(default=1.0, metadata={"help": "weight of each preserve row (lambda_p)"})
-    lamb: float = field(default=0.5, metadata={"help": "ridge strength pulling W towards W0 (lambda)"})
+    lam: float = field(default=0.5, metadata={"help": "ridge strength pulling W towards W0 (lambda)"})
     tokens: str = field(
         default="last_subject",
         metadata={"help": "token embeddings edited: last_subject (official) or all_tokens (concept tokens + EOS)"},
@@ -88,7 +90,7 @@ class UCEConfig(MethodConfig):
             raise ValueError(
                 f"preserve_tokens must be one of {', '.join(PRESERVE_TOKEN_MODES)}, got {self.preserve_tokens!r}."
             )
-        for name in ("erase_scale", "preserve_scale", "lamb"):
+        for name in ("erase_scale", "preserve_scale", "lam"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if self.erase_scale == 0:
@@ -218,7 +220,7 @@ class UCE(EraseMethod):
                 torch.full((len(c_preserve),), self.config.preserve_scale, dtype=torch.float64),
             ]
         )
-        solver = RidgeSolver(inputs.to(next(iter(parameters.values())).device), weights, self.config.lamb)
+        solver = RidgeSolver(inputs.to(next(iter(parameters.values())).device), weights, self.config.lam)
 
         erase_error, preserve_drift = [], []
         with torch.no_grad():
