@@ -1,7 +1,7 @@
 """Fine-tune the toy CLIP on renders under generator-like corruptions, so that it judges generated images robustly.
 
 Starts from a shipped toy CLIP (``checkpoints/toyworld-clip``) and continues its contrastive training
-(``erasure.toyworld.train.train_clip``) on freshly rendered images (a seed of their own) with their captions. By
+(``toyworld_train.train.train_clip``) on freshly rendered images (a seed of their own) with their captions. By
 default only the image tower trains: the text tower and the logit scale stay frozen, so the zero-shot class
 embeddings the judge uses do not move (``--train-text`` trains everything). Two kinds of corruption, neither of which
 changes what an image shows:
@@ -46,7 +46,7 @@ def vae_images(renders: np.ndarray, args: argparse.Namespace) -> np.ndarray:
     """
     from diffusers import AutoencoderKL
 
-    from erasure.toyworld.train import vae_roundtrip
+    from toyworld_train.train import vae_roundtrip
 
     key = f"{args.vae}|{args.data_seed}|{len(renders)}|{args.latent_noise}|{args.seed}"
     if args.vae_cache and args.vae_cache.exists():
@@ -76,7 +76,7 @@ def mixed_augment(strong_fraction: float, max_scale: float = 1.45):
     Returns:
         ``augment(images, generator)`` for ``train.train_clip``.
     """
-    from erasure.toyworld import train
+    from toyworld_train import train
 
     def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         strong = train.degrade_strong(images, generator, max_scale)
@@ -121,7 +121,8 @@ def main() -> None:
 
     import open_clip
 
-    from erasure.toyworld import models, quality, train
+    from erasure.toyworld import models, quality
+    from toyworld_train import train
 
     started = time.monotonic()
     images, captions, scenes = train.render_dataset(args.renders, args.data_seed, workers=1)

@@ -49,11 +49,11 @@ import numpy as np
 import torch
 
 from erasure.concepts import Concept, EraseRequest, load_concepts
+from erasure.evaluation.functional import bootstrap_interval as rate_interval
+from erasure.evaluation.functional import paired_ratio_interval as ratio_interval
 from erasure.generate import generate
 from erasure.methods import get_method
-from erasure.toyworld.captions import TEMPLATES
-from erasure.toyworld.quality import subject_labels
-from erasure.toyworld.render import CHARACTERS, COLOURS, SHAPES, STYLES
+from erasure.toyworld.judge import prompt_expectation, prompt_subject, shows, target_attribute, verdict_label
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("uce", "esd-x", "esd-u", "resteer")
@@ -115,34 +115,6 @@ def parse_overrides(items: list[str], methods: list[str]) -> dict[str, dict[str,
 # -- what each image should show -------------------------------------------------------------------------------
 
 
-def prompt_subject(prompt: str) -> str:
-    """The subject of a toy prompt: ``"a drawing of a red circle"`` -> ``"a red circle"``."""
-    for template in sorted(TEMPLATES, key=len, reverse=True):
-        prefix = template.removesuffix("{x}")
-        if prefix and prompt.startswith(prefix):
-            return prompt[len(prefix) :]
-    return prompt
-
-
-def prompt_expectation(prompt: str) -> dict[str, str]:
-    """The attributes a toy prompt asks for: a character only its character; an object everything else."""
-    labels = subject_labels(prompt_subject(prompt))
-    return {"character": labels["character"]} if labels["character"] != "none" else labels
-
-
-def target_attribute(concept: Concept) -> tuple[str, str]:
-    """``(attribute, value)`` that shows a toy concept: Pip -> character, striped -> style, and so on."""
-    for attribute, values in (("character", CHARACTERS), ("style", STYLES), ("shape", SHAPES), ("colour", COLOURS)):
-        if concept.name in values:
-            return attribute, concept.name
-    raise ValueError(f"Concept '{concept.name}' is no toy-world character, style, shape or colour.")
-
-
-def shows(verdict: dict[str, str], expected: dict[str, str]) -> bool:
-    """Whether a judged image shows every expected attribute."""
-    return all(verdict[attribute] == value for attribute, value in expected.items())
-
-
 def rates(base: list[dict], edited: list[dict], prompts: list[str], target: tuple[str, str]) -> dict[str, Any]:
     """Target and neighbour rates of one judge, base vs edited (``prompts`` lists the neighbour prompts)."""
     attribute, value = target
@@ -181,27 +153,9 @@ def rates(base: list[dict], edited: list[dict], prompts: list[str], target: tupl
     }
 
 
-def rate_interval(hits: list[bool], draws: int = 2000) -> list[float] | None:
-    """95% bootstrap interval of a rate (images resampled with replacement)."""
-    if not hits:
-        return None
-    values = np.asarray(hits, dtype=float)
-    rows = np.random.default_rng(0).integers(len(values), size=(draws, len(values)))
-    return [float(x) for x in np.quantile(values[rows].mean(-1), [0.025, 0.975])]
-
-
-def ratio_interval(before: list[bool], after: list[bool], draws: int = 2000) -> list[float] | None:
-    """95% paired-bootstrap interval of ``mean(after) / mean(before)`` (images resampled with replacement)."""
-    pairs = np.array([before, after], dtype=float)
-    rows = np.random.default_rng(0).integers(len(before), size=(draws, len(before)))
-    totals = pairs[:, rows].sum(-1)  # (2, draws)
-    ratios = totals[1][totals[0] > 0] / totals[0][totals[0] > 0]
-    return [float(x) for x in np.quantile(ratios, [0.025, 0.975])] if len(ratios) else None
-
-
 def compact(verdicts: list[dict[str, str]]) -> list[str]:
     """Verdicts as ``colour|shape|style|character`` strings, for the JSON."""
-    return ["|".join(v[a] for a in ("colour", "shape", "style", "character")) for v in verdicts]
+    return [verdict_label(v) for v in verdicts]
 
 
 def meets_goals(result: dict[str, Any]) -> bool | None:
@@ -217,7 +171,7 @@ def meets_goals(result: dict[str, Any]) -> bool | None:
 
 def load_models(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The toy pipeline, the oracle and the toy CLIP judge."""
-    from erasure.evaluate import load_clip
+    from erasure.evaluation import load_clip
     from erasure.pipeline import load_pipeline
     from erasure.toyworld.quality import ToyClipJudge, load_oracle
 

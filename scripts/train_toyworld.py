@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from erasure.toyworld import models, quality, train
+from erasure.toyworld import models, quality
 from erasure.toyworld.tokenizer import write_tokenizer_files
+from toyworld_train import train
 
 STAGES = ("oracle", "vae", "denoiser", "clip")
 # Optimizer steps of the stages that are reused by default (GPU-sized recipes of the first toy world).

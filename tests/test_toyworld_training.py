@@ -15,9 +15,10 @@ import pytest
 import torch
 from conftest import load_script
 
-from erasure.toyworld import models, train
+from erasure.toyworld import models
 from erasure.toyworld.models import ORACLE_HEADS
-from erasure.toyworld.train import StageBudget
+from toyworld_train import train
+from toyworld_train.train import StageBudget
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -218,7 +219,7 @@ def test_clip_trains_resumes_and_loads_through_open_clip(data, loops, tmp_path, 
     with torch.no_grad():
         assert loaded.encode_image(pixels[None]).shape == loaded.encode_text(text).shape == (1, 128)
 
-    from erasure.evaluate import load_clip
+    from erasure.evaluation import load_clip
 
     clip, _, _ = load_clip(str(out))
     assert_same_state(clip.state_dict(), model.state_dict(), "clip via load_clip")

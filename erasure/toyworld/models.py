@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,6 +23,8 @@ IMAGE_SIZE = 64
 LATENT_SIZE = 16
 TEXT_HIDDEN = 128
 CLIP_MODEL_NAME = "toyworld-clip"
+#: The sidecar an evaluator reads a CLIP folder's templates and preprocessing from (erasure.evaluation.clip).
+CLIP_CARD_NAME = "erasure_clip.json"
 
 VAE_CONFIG = {
     "in_channels": 3,
@@ -216,12 +219,25 @@ class Oracle(nn.Module):
         ]
 
 
+def clip_card() -> dict:
+    """The toy CLIP's ``erasure_clip.json``: its zero-shot templates (the caption templates) and preprocessing."""
+    from erasure.toyworld.captions import TEMPLATES
+
+    return {
+        "format": "erasure-clip/1",
+        "templates": [template.replace("{x}", "{}") for template in TEMPLATES],
+        "preprocess_cfg": CLIP_PREPROCESS,
+    }
+
+
 def save_clip(model: nn.Module, out: str | Path) -> None:
     """Save a toy CLIP as an open_clip ``local-dir:`` folder, as ``checkpoints/toyworld-clip`` is laid out.
 
-    The folder holds ``open_clip_config.json`` (architecture and preprocessing), ``open_clip_model.safetensors``
-    and the raw architecture JSON. It is written to a temporary sibling first and renamed into place, so an
-    interrupted save never leaves a half-written folder; an existing ``out`` is replaced.
+    The folder holds ``open_clip_config.json`` (architecture and preprocessing), ``open_clip_model.safetensors``,
+    the raw architecture JSON and ``erasure_clip.json``, which declares the zero-shot templates an evaluator should
+    use with this CLIP (the toy captions' templates, :data:`erasure.toyworld.captions.TEMPLATES`: the model never
+    saw "a photo of ...") and its preprocessing. It is written to a temporary sibling first and renamed into place,
+    so an interrupted save never leaves a half-written folder; an existing ``out`` is replaced.
 
     Args:
         model: The open_clip model.
@@ -240,6 +256,12 @@ def save_clip(model: nn.Module, out: str | Path) -> None:
     config = {"model_cfg": CLIP_CONFIG, "preprocess_cfg": CLIP_PREPROCESS}
     (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     (tmp / f"{CLIP_MODEL_NAME}.json").write_text(json.dumps(CLIP_CONFIG, indent=2))
+    (tmp / CLIP_CARD_NAME).write_text(json.dumps(clip_card(), indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

@@ -18,9 +18,8 @@ import numpy as np
 import torch
 
 from erasure.toyworld.captions import TEMPLATES, all_subjects, subject_for
-from erasure.toyworld.models import ORACLE_HEADS, Oracle
+from erasure.toyworld.models import ORACLE_HEADS, Oracle, to_tensor
 from erasure.toyworld.render import CHARACTERS, COLOURS, SHAPES, STYLES, make_scene, render
-from erasure.toyworld.train import to_tensor
 
 ATTRIBUTES = tuple(ORACLE_HEADS)
 HELD_OUT_SEED = 987_654_321

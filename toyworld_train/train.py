@@ -3,6 +3,9 @@
 Every stage is seeded, stops at a step count or a wall-clock budget (whichever comes first), logs its loss and
 saves a resumable state (weights, optimizer, EMA, step) to ``work_dir`` every few hundred steps. The driver is
 ``scripts/train_toyworld.py``; this module holds the loops so that tests can run a few steps of each.
+
+It lives beside the ``erasure`` package, not in it (as ``open_clip_train`` beside ``open_clip``): the library only
+reads the toy world's checkpoints, and nothing in ``erasure`` imports the trainer.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from erasure.toyworld.captions import sample_dataset, subject
-from erasure.toyworld.models import ORACLE_HEADS, Oracle
+from erasure.toyworld.models import ORACLE_HEADS, Oracle, to_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +100,6 @@ def exclude_concept(images: np.ndarray, captions: list[str], scenes: list, names
         if not any(shows_concept(scene, name) or name.lower() in words for name in names):
             keep.append(row)
     return images[keep], [captions[row] for row in keep], [scenes[row] for row in keep]
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, radius: int) -> torch.Tensor:
