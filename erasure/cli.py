@@ -14,9 +14,6 @@ from pathlib import Path
 
 from erasure import __version__
 
-TOYWORLD_SD = Path(__file__).resolve().parent.parent / "checkpoints" / "toyworld-sd"
-
-
 # --- parsing: strict option names and checked numbers -------------------------------------------------------
 
 
@@ -83,8 +80,10 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         description="Erase Pip from the shipped toy-world checkpoint with UCE, then write a labelled sample grid, "
         "the edit, a base-vs-edited grid, the CLIP evaluation and an HTML report under --out.",
     )
-    parser.add_argument("--model", default=str(TOYWORLD_SD), help="pipeline to use (default: shipped toy world)")
-    parser.add_argument("--concept", default=None, help="concept file (default: prompts/toyworld/pip.toml)")
+    parser.add_argument(
+        "--model", help="pipeline to use (default: the shipped toy world, checkpoints/toyworld-sd; see README)"
+    )
+    parser.add_argument("--concept", help="concept file (default: the shipped prompts/toyworld/pip.toml)")
     parser.add_argument("--method", default="uce", help="erasure method (default: uce)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder")
     parser.add_argument("--steps", type=POSITIVE_INT, default=25, help="DDIM steps")
@@ -97,12 +96,15 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from erasure.demo import PIP_CONCEPT, run_demo
+    from erasure.demo import run_demo
+    from erasure.methods import get_method
+    from erasure.resources import checkpoint, prompt_file
 
+    get_method(args.method)  # an unknown name fails now, not after the sample grid
     paths = run_demo(
         args.out,
-        model=args.model,
-        concept=args.concept or PIP_CONCEPT,
+        model=args.model or str(checkpoint("toyworld-sd")),
+        concept=args.concept or prompt_file("toyworld/pip.toml"),
         method=args.method,
         steps=args.steps,
         guidance_scale=args.guidance,
