@@ -22,11 +22,14 @@ A TOML concept file holds one or more ``[[concept]]`` tables::
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "KINDS",
@@ -319,6 +322,19 @@ def request_from_prompts(
     )
 
 
+#: Fewer characters per token than this: the tokenizer spells the word in fragments (single letters, bytes of a
+#: CJK character or emoji) rather than knowing it; common words and names take one to three tokens.
+PIECEWISE_LETTERS_PER_TOKEN = 2.0
+
+
+def _token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """The text of each token, without BPE's word-end (``</w>``) and word-start (``Ġ``) marks; ``[]`` if unknown."""
+    convert = getattr(tokenizer, "convert_ids_to_tokens", None)
+    if convert is None:
+        return []
+    return [str(piece).removesuffix("</w>").removeprefix("\u0120") for piece in convert(list(ids))]
+
+
 def _special_ids(tokenizer: Any) -> set[int]:
     return {i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
 
@@ -346,6 +362,18 @@ def check_encodable(tokenizer: Any, request: EraseRequest) -> None:
                 raise ValueError(
                     f"Concept '{concept.name}': the word {word!r} has no token in this tokenizer's vocabulary "
                     "(it encodes to the unknown token); spell it differently."
+                )
+            pieces = _token_pieces(tokenizer, ids)
+            letters = len("".join(word.split()))
+            if pieces and len(pieces) > 1 and letters / len(pieces) < PIECEWISE_LETTERS_PER_TOKEN:
+                logger.warning(
+                    "Concept '%s': the tokenizer spells %r piece by piece (%d tokens: %s), so the model has no "
+                    "token for it and likely never learned it as a word; erasing it changes what those pieces mean "
+                    "in every prompt that contains them.",
+                    concept.name,
+                    word,
+                    len(pieces),
+                    " ".join(piece or "?" for piece in pieces[:12]),
                 )
         texts = [*concept.erase, *concept.preserve, *concept.evaluate, *concept.evaluate_preserve]
         for text in [*dict.fromkeys(anchor for anchor in concept.erase_anchors if anchor), *texts]:

@@ -136,19 +136,30 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+#: Seeds and case numbers must fit a signed 64-bit integer: ``torch.Generator.manual_seed`` takes no more.
+INTEGER_RANGE = (-(2**63), 2**64 - 1)
+
+
 def _integer(text: str, column: str, path: Path, line: int) -> int:
     value = text.strip()
     try:
-        return int(value)
+        number: float | int = int(value)
     except ValueError:
-        pass
-    try:  # pandas writes integer columns holding NaN as floats: "3542.0"
-        number = float(value)
-    except ValueError:
-        number = float("nan")
-    if number.is_integer():
-        return int(number)
-    raise PromptFileError(f"{path}, line {line}: column '{column}' must be an integer, got {text!r}.")
+        try:  # pandas writes integer columns holding NaN as floats: "3542.0"
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not number.is_integer():
+            message = f"{path}, line {line}: column '{column}' must be an integer, got {text!r}."
+            raise PromptFileError(message) from None
+        number = int(number)
+    low, high = INTEGER_RANGE
+    if not low <= number <= high:
+        raise PromptFileError(
+            f"{path}, line {line}: column '{column}' holds {text.strip()[:30]}, which does not fit 64 bits "
+            f"(a seed must lie in [{low}, {high}])."
+        )
+    return number
 
 
 def load_prompt_csv(path: str | Path) -> list[PromptRow]:

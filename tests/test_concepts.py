@@ -16,6 +16,8 @@ from erasure.concepts import (
 )
 from erasure.testing import tiny_tokenizer
 
+TOY_MODEL = Path(__file__).resolve().parents[1] / "checkpoints" / "toyworld-sd"
+
 TOYWORLD = Path(__file__).resolve().parent.parent / "prompts" / "toyworld"
 
 PIP_TOML = """
@@ -247,3 +249,18 @@ def test_one_anchor_string_serves_every_erase_prompt():
     concept = Concept(name="Pip", kind="character", erase=["Pip", "a picture of Pip"], anchor="a cat")
     assert concept.erase_anchors == ("a cat", "a cat")
     assert Concept(name="Pip", kind="character", erase=["Pip"]).erase_anchors == ("",)
+
+
+def test_a_word_spelled_piece_by_piece_is_warned_about(caplog):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOY_MODEL / "tokenizer"))
+    with caplog.at_level("WARNING", logger="erasure.concepts"):
+        check_encodable(tokenizer, request_from_prompts(["Pip"]))
+    assert not [r for r in caplog.records if r.name == "erasure.concepts"]  # a word of the toy vocabulary
+    for word in ("xylophone", "\u6c89\u9ed8", "\U0001f600\U0001f600\U0001f600"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="erasure.concepts"):
+            check_encodable(tokenizer, request_from_prompts([word]))
+        (record,) = [r for r in caplog.records if r.name == "erasure.concepts"]
+        assert "piece by piece" in record.getMessage() and repr(word) in record.getMessage()

@@ -199,3 +199,12 @@ def test_rows_from_request_needs_evaluation_prompts():
     request = EraseRequest((Concept(name="Pip", kind="character", erase=("Pip",)),))
     with pytest.raises(ValueError, match="no evaluate"):
         rows_from_request(request)
+
+
+@pytest.mark.parametrize("seed", [str(2**64), str(-(2**63) - 1), "1e30"])
+def test_a_seed_beyond_64_bits_names_file_line_and_column(tmp_path, seed):
+    path = write(tmp_path, f"case_number,prompt,evaluation_seed\n0,a cat,{seed}\n")
+    with pytest.raises(
+        PromptFileError, match=r"prompts\.csv, line 2: column 'evaluation_seed' .* does not fit 64 bits"
+    ):
+        load_prompt_csv(path)

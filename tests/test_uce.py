@@ -249,3 +249,10 @@ def test_uce_refuses_a_concept_the_tokenizer_cannot_encode():
     pipe = tiny_pipeline("sd2")  # its padding token is "!", so "!" is not a word it can erase
     with pytest.raises(ValueError, match="encodes to no token"):
         get_method("uce").apply(pipe, request_from_prompts(["a picture of !"], name="!"))
+
+
+@pytest.mark.parametrize("name", ["erase_scale", "preserve_scale", "lam"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_scales_are_refused_by_name(name, value):
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        UCEConfig(**{name: value})

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -91,8 +92,9 @@ class UCEConfig(MethodConfig):
                 f"preserve_tokens must be one of {', '.join(PRESERVE_TOKEN_MODES)}, got {self.preserve_tokens!r}."
             )
         for name in ("erase_scale", "preserve_scale", "lam"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+            value = float(getattr(self, name))
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
         if self.erase_scale == 0:
             raise ValueError("erase_scale = 0 erases nothing; use a positive erase scale.")
 
