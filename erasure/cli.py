@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -423,13 +424,8 @@ def _device(name: str | None) -> str:
 
 
 def _run_erase(args: argparse.Namespace) -> int:
-    import torch
-
-    from erasure.concepts import EraseRequest, load_concepts, request_from_prompts
     from erasure.edit import CONFIG_NAME
-    from erasure.files import load_training_images
-    from erasure.methods import get_method
-    from erasure.pipeline import load_pipeline
+    from erasure.files import output_lock
 
     if bool(args.concept) == bool(args.prompt):
         raise ValueError("give either --concept FILE (repeatable) or --prompt TEXT (repeatable), not both or neither")
@@ -439,6 +435,18 @@ def _run_erase(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{args.out} exists and is not an edit folder; choose another --out")
     if (args.out / CONFIG_NAME).is_file() and not args.overwrite:  # refused before any work starts
         raise FileExistsError(f"{args.out} already holds an edit; choose another --out, or pass --overwrite")
+    with output_lock(args.out):  # a second erase into the same --out is refused now, not after its work
+        return _erase(args)
+
+
+def _erase(args: argparse.Namespace) -> int:
+    import torch
+
+    from erasure.concepts import EraseRequest, load_concepts, request_from_prompts
+    from erasure.files import load_training_images
+    from erasure.methods import get_method
+    from erasure.pipeline import load_pipeline
+
     if args.concept:
         requests = [load_concepts(path) for path in args.concept]
         request = EraseRequest(tuple(c for r in requests for c in r.concepts))
@@ -724,6 +732,22 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm's time limit, ``docker stop``, ``kill``), raised where the program is, like Ctrl-C."""
+
+
+def _terminate_like_interrupt() -> object:
+    """Make SIGTERM unwind the stack like Ctrl-C, so every ``finally`` removes its temporaries; the old handler."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``erasure`` command; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -737,8 +761,12 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 0
+    previous = _terminate_like_interrupt()
     try:
         return args.handler(args)
+    except Terminated:
+        print("terminated (SIGTERM); nothing half-written was left behind", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted; nothing half-written was left behind", file=sys.stderr)
         return 130
@@ -747,3 +775,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from erasure import __version__
-from erasure.files import atomic_path
+from erasure.files import atomic_path, output_lock
 
 logger = logging.getLogger(__name__)
 
@@ -311,25 +311,26 @@ class Edit:
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        if folder.exists():
-            if not folder.is_dir():
-                raise EditFormatError(f"{folder} exists and is a file; choose another output folder.")
-            if any(folder.iterdir()) and not (folder / CONFIG_NAME).is_file():
-                raise EditFormatError(
-                    f"{folder} exists and is not an edit folder (no {CONFIG_NAME}); refusing to overwrite it: "
-                    "choose another output folder."
-                )
-            if (folder / CONFIG_NAME).is_file() and not overwrite:
-                raise EditFormatError(
-                    f"{folder} already holds an edit; choose another output folder, or replace it with "
-                    "overwrite=True (erasure erase --overwrite)."
-                )
-        with atomic_path(folder) as temporary:
-            temporary.mkdir()
-            tensors = {key: delta.contiguous() for key, delta in self.deltas.items()}
-            save_file(tensors, str(temporary / WEIGHTS_NAME), metadata={"format": "pt", "kind": "erasure-edit"})
-            text = json.dumps(_json_safe(self.config), indent=2, sort_keys=True)
-            (temporary / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
+        with output_lock(folder):  # the checks and the write as one step: no other writer in between
+            if folder.exists():
+                if not folder.is_dir():
+                    raise EditFormatError(f"{folder} exists and is a file; choose another output folder.")
+                if any(folder.iterdir()) and not (folder / CONFIG_NAME).is_file():
+                    raise EditFormatError(
+                        f"{folder} exists and is not an edit folder (no {CONFIG_NAME}); refusing to overwrite it: "
+                        "choose another output folder."
+                    )
+                if (folder / CONFIG_NAME).is_file() and not overwrite:
+                    raise EditFormatError(
+                        f"{folder} already holds an edit; choose another output folder, or replace it with "
+                        "overwrite=True (erasure erase --overwrite)."
+                    )
+            with atomic_path(folder) as temporary:
+                temporary.mkdir()
+                tensors = {key: delta.contiguous() for key, delta in self.deltas.items()}
+                save_file(tensors, str(temporary / WEIGHTS_NAME), metadata={"format": "pt", "kind": "erasure-edit"})
+                text = json.dumps(_json_safe(self.config), indent=2, sort_keys=True)
+                (temporary / CONFIG_NAME).write_text(text + "\n", encoding="utf-8")
         logger.info("Saved %r to %s.", self, folder)
         return folder
 

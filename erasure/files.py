@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,18 +35,134 @@ MANIFEST_FORMAT = "erasure-images/1"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _CASE_NAME = re.compile(r"^(-?\d+)_(\d+)$")
 
+logger = logging.getLogger(__name__)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # Atomic writes
 # --------------------------------------------------------------------------------------------------------------
 
 
+class OutputBusyError(RuntimeError):
+    """Another live process is writing the same output (it holds the output's lock file)."""
+
+
+def _lock_path(path: Path) -> Path:
+    return path.parent / f".{path.name}.lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+_held_locks: dict[Path, int] = {}
+
+
+@contextlib.contextmanager
+def output_lock(path: str | Path) -> Iterator[None]:
+    """Hold ``.{name}.lock`` beside ``path`` for the block, so two processes never write one output at once.
+
+    The lock file holds the writer's process id; a lock left by a process that no longer runs (killed with
+    SIGKILL, a lost node) is taken over. Re-entrant within a process: a save inside a locked command does not
+    deadlock on its own lock.
+
+    Raises:
+        OutputBusyError: If a live process holds the lock.
+    """
+    path = Path(path).absolute()
+    if path in _held_locks:
+        _held_locks[path] += 1
+        try:
+            yield
+        finally:
+            _held_locks[path] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock_path(path)
+    for _ in range(2):
+        try:
+            handle = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _alive(owner):
+                raise OutputBusyError(
+                    f"{path} is being written by another process (pid {owner}); wait for it to finish, or choose "
+                    "another output."
+                ) from None
+            lock.unlink(missing_ok=True)  # left by a process that is gone
+            continue
+        with os.fdopen(handle, "w") as file:
+            file.write(f"{os.getpid()}\n")
+        break
+    else:
+        raise OutputBusyError(f"Could not take the lock {lock}; another process is racing for {path}.")
+    _held_locks[path] = 1
+    try:
+        yield
+    finally:
+        del _held_locks[path]
+        lock.unlink(missing_ok=True)
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporary files and folders an interrupted write to ``path`` left beside it.
+
+    Temporaries are named ``.{name}.{pid}.*.tmp``; those of a process that no longer runs (killed with SIGKILL, a
+    lost node) are removed, those of a live process kept. Called by :func:`atomic_path` before each write.
+
+    Returns:
+        The paths removed.
+    """
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    stem = f".{path.name}."
+    for candidate in path.parent.iterdir():
+        name = candidate.name
+        if not (name.startswith(stem) and name.endswith(".tmp")):
+            continue
+        pid_text = name[len(stem) :].split(".", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _alive(int(pid_text)):
+            continue
+        if candidate.is_dir() and not candidate.is_symlink():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    if removed:
+        logger.warning(
+            "Removed %d temporary item(s) beside %s left by an interrupted run (e.g. %s).",
+            len(removed),
+            path,
+            removed[0].name,
+        )
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it is renamed to ``path`` only when the block succeeds.
 
-    The temporary path does not exist yet: create a file or a folder there. A crash or error inside the block
-    leaves nothing behind (and an existing ``path`` untouched).
+    The temporary path does not exist yet: create a file or a folder there; it gets the usual permissions of the
+    umask (only its holder folder is private). A crash or error inside the block leaves nothing behind (and an
+    existing ``path`` untouched); what a killed process left is removed by the next write to the same ``path``.
+    The output's lock (:func:`output_lock`) is held throughout.
 
     Args:
         path: The destination file or folder.
@@ -53,24 +170,27 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
 
     Raises:
         FileExistsError: If ``path`` exists and ``overwrite`` is false (nothing is overwritten).
+        OutputBusyError: If another live process is writing ``path``.
         RuntimeError: If the block wrote nothing.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another output path or remove it first.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    holder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    temporary = holder / path.name
-    try:
-        yield temporary
-        if not temporary.exists():
-            raise RuntimeError(f"Nothing was written for {path}.")
-        if temporary.is_dir() or path.is_dir():
-            replace_folder(temporary, path)
-        else:
-            os.replace(temporary, path)
-    finally:
-        shutil.rmtree(holder, ignore_errors=True)
+    with output_lock(path):
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} already exists; choose another output path or remove it first.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
+        holder = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent))
+        temporary = holder / path.name
+        try:
+            yield temporary
+            if not temporary.exists():
+                raise RuntimeError(f"Nothing was written for {path}.")
+            if temporary.is_dir() or path.is_dir():
+                replace_folder(temporary, path)
+            else:
+                os.replace(temporary, path)
+        finally:
+            shutil.rmtree(holder, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -103,7 +223,8 @@ def replace_folder(source: Path, destination: Path) -> None:
     """
     source, destination = Path(source), Path(destination)
     if destination.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", suffix=".tmp", dir=destination.parent))
+        prefix = _temporary_prefix(destination) + "old-"
+        trash = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=destination.parent))
         trash.rmdir()
         os.replace(destination, trash)
         try:

@@ -1,5 +1,10 @@
 """erasure.files: atomic writes leave the old file or nothing, one to_pil for every image array, training images."""
 
+import os
+import stat
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -7,9 +12,11 @@ from PIL import Image
 import erasure.files as files_module
 from erasure.files import (
     ImageFolderError,
+    OutputBusyError,
     atomic_path,
     atomic_write_text,
     load_training_images,
+    output_lock,
     replace_folder,
     to_pil,
 )
@@ -106,3 +113,50 @@ def test_training_images_name_the_unreadable_file(tmp_path):
     empty.mkdir()
     with pytest.raises(ImageFolderError, match="No images"):
         load_training_images(empty)
+
+
+def test_outputs_get_the_umask_permissions_not_tempfiles_private_ones(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.html", "x")
+        with atomic_path(tmp_path / "edit") as temporary:
+            temporary.mkdir()
+            (temporary / "edit.safetensors").write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "report.html").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "edit").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "edit" / "edit.safetensors").stat().st_mode) == 0o644
+
+
+def dead_pid():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next_write(tmp_path, caplog):
+    stale = tmp_path / f".run.{dead_pid()}.abc.tmp"
+    (stale / "run").mkdir(parents=True)
+    live = tmp_path / f".run.{os.getppid()}.abc.tmp"  # a live process's temporary is left alone
+    live.mkdir()
+    other = tmp_path / ".other.1.abc.tmp"
+    other.mkdir()
+    with caplog.at_level("WARNING", logger="erasure.files"):
+        atomic_write_text(tmp_path / "run", "x")
+    assert not stale.exists() and live.exists() and other.exists()
+    assert "interrupted run" in caplog.text
+
+
+def test_a_live_writer_holds_the_output_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / ".run.lock").write_text(f"{os.getppid()}\n")
+    with pytest.raises(OutputBusyError, match=rf"pid {os.getppid()}"):
+        atomic_write_text(out, "x")
+    assert not out.exists()
+    (tmp_path / ".run.lock").write_text(f"{dead_pid()}\n")
+    atomic_write_text(out, "x")
+    assert out.read_text() == "x" and not (tmp_path / ".run.lock").exists()
+    with output_lock(out), output_lock(out):  # re-entrant in one process
+        atomic_write_text(out, "y")
+    assert out.read_text() == "y" and not (tmp_path / ".run.lock").exists()
