@@ -612,6 +612,7 @@ def _add_grid(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--title", help="title above the grid")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument("--out", type=Path, required=True, help="the grid PNG to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .json)")
     _add_edit_safety_options(parser)
     parser.set_defaults(handler=_run_grid)
 
@@ -638,6 +639,7 @@ def _run_grid(args: argparse.Namespace) -> int:
         base_check=not args.no_base_check,
         max_relative_change=_max_relative_change(args),
         progress=args.verbose or sys.stderr.isatty(),
+        overwrite=args.overwrite,
     )
     json_name = result.path.with_suffix(".json").name
     print(f"wrote {result.path} and {json_name} ({result.rows} rows x {result.columns} models)")
@@ -664,13 +666,14 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--per-group", type=POSITIVE_INT, default=4, help="prompts per group in drawn grids (default 4)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.set_defaults(handler=_run_report)
 
 
 def _run_report(args: argparse.Namespace) -> int:
     from erasure.report import write_report
 
-    path = write_report(args.folders, args.out, title=args.title, per_group=args.per_group)
+    path = write_report(args.folders, args.out, title=args.title, per_group=args.per_group, overwrite=args.overwrite)
     print(f"wrote {path} ({path.stat().st_size // 1024} KiB, {len(args.folders)} evaluation(s))")
     return 0
 

@@ -170,6 +170,7 @@ def make_grid(
     base_check: bool = True,
     max_relative_change: float | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> GridResult:
     """Draw a comparison grid, base first then each edit, and save it with a manifest (atomically).
 
@@ -180,8 +181,12 @@ def make_grid(
         The :class:`GridResult`.
 
     Raises:
+        FileExistsError: If ``out`` exists and ``overwrite`` is false (checked before any work).
         ValueError: On a contradictory or missing source.
     """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out, or pass --overwrite to replace it")
     manifest: dict[str, Any] = {"format": "erasure-grid/1", "erasure_version": __version__}
     if image_folders:
         if model or edits or concept or prompts:

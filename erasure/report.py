@@ -1,7 +1,7 @@
 """A self-contained HTML report of one or more evaluations: grids, metric tables, provenance and trade-off plots.
 
 ``erasure report DIR... --out report.html`` reads each evaluation folder written by ``erasure evaluate``
-(:mod:`erasure.evaluate`: ``metrics.json``, ``per_image.csv``, ``images/<model>/``) and writes one HTML page with
+(:mod:`erasure.evaluation`: ``metrics.json``, ``per_image.csv``, ``images/<model>/``) and writes one HTML page with
 everything inlined: images as base64 ``data:`` URIs, plots as inline SVG drawn here, styles in a ``<style>`` tag.
 The page loads nothing from anywhere, so it can be mailed or archived as one file.
 
@@ -36,8 +36,9 @@ named as in ``metrics.json`` (``efficacy``, ``generality``, ``specificity``, ``h
 ``clip_score_<role>``, ``paired_preservation``, ``cmmd``, ...; ``preservation`` is accepted as a short name for
 ``paired_preservation``), with ``null`` for undefined values. A point may name its series with ``"model"`` (for
 example the method), so one file can hold several edits' sweeps; points without it form one series. Optional
-``"evaluation"`` gives the folder the point was measured in. :func:`sweep_point` builds a point from a
-``metrics.json``, and :func:`write_sweep` writes the file.
+``"evaluation"`` gives the folder the point was measured in. :func:`erasure.evaluation.run_sweep` measures a
+sweep and writes the file; :func:`sweep_point` and :func:`write_sweep` (from :mod:`erasure.evaluation.sweep`) build
+one from other evaluations.
 
 The trade-off plot puts preservation on x (``paired_preservation``, else ``specificity``) and ``efficacy`` on y,
 one line per series through the points in scale order; the second plot shows each metric against the scale.
@@ -61,6 +62,7 @@ from typing import Any
 from PIL import Image
 
 from erasure import __version__
+from erasure.evaluation.sweep import SWEEP_FORMAT, SWEEP_NAME, sweep_point, write_sweep
 from erasure.files import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -82,8 +84,6 @@ __all__ = [
     "write_sweep",
 ]
 
-SWEEP_NAME = "sweep.json"
-SWEEP_FORMAT = "erasure-sweep/1"
 GRID_NAME = "grid.png"
 
 #: Metric table columns: (metrics.json key, header, format). Columns no model has a value for are left out.
@@ -211,41 +211,6 @@ def load_evaluation(folder: str | Path) -> Evaluation:
     if (folder / SWEEP_NAME).is_file():
         evaluation.sweep, evaluation.sweep_meta = load_sweep(folder / SWEEP_NAME)
     return evaluation
-
-
-def sweep_point(metrics_json: str | Path, scale: float, model: str | None = None) -> dict[str, Any]:
-    """One sweep point from an evaluation at one scale.
-
-    Args:
-        metrics_json: The evaluation's ``metrics.json`` (or its folder).
-        scale: The scale the edit was applied at.
-        model: The model label to take; default: the first model that is not the reference (base).
-
-    Returns:
-        ``{"scale": scale, <every metric of the model>, "evaluation": folder}``.
-    """
-    path = Path(metrics_json)
-    path = path / "metrics.json" if path.is_dir() else path
-    document = _read_json(path)
-    metrics = document.get("metrics", {})
-    if model is None:
-        reference = document.get("reference")
-        model = next((label for label in metrics if label != reference), reference)
-    if model not in metrics:
-        raise ReportError(f"{path} has no model '{model}' (models: {', '.join(metrics)}).")
-    return {"scale": float(scale), **metrics[model], "evaluation": str(path.parent)}
-
-
-def write_sweep(path: str | Path, points: Iterable[Mapping[str, Any]], **metadata: Any) -> Path:
-    """Write ``sweep.json`` (format ``erasure-sweep/1``) atomically; ``metadata`` goes beside the points."""
-    path = Path(path)
-    points = [dict(point) for point in points]
-    for index, point in enumerate(points):
-        if not isinstance(point.get("scale"), int | float):
-            raise ValueError(f"sweep point #{index + 1} needs a numeric 'scale'.")
-    document = {"format": SWEEP_FORMAT, **metadata, "points": points}
-    atomic_write_text(path, json.dumps(document, indent=2, default=str) + "\n")
-    return path
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -662,13 +627,29 @@ def render_report(
 
 
 def write_report(
-    folders: Sequence[str | Path], out: str | Path, title: str = "Concept erasure report", per_group: int = 4
+    folders: Sequence[str | Path],
+    out: str | Path,
+    title: str = "Concept erasure report",
+    per_group: int = 4,
+    overwrite: bool = False,
 ) -> Path:
     """Write :func:`render_report` to ``out`` atomically (a temporary file renamed into place).
 
+    Args:
+        folders: Evaluation folders, one section each.
+        out: The HTML file.
+        title: Page title.
+        per_group: Prompts per role in grids drawn from saved images.
+        overwrite: Replace an existing ``out`` (atomically); otherwise it is refused before any work.
+
     Returns:
         ``out`` as a ``Path``.
+
+    Raises:
+        FileExistsError: If ``out`` exists and ``overwrite`` is false.
     """
     out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out, or pass --overwrite to replace it")
     atomic_write_text(out, render_report(folders, title=title, per_group=per_group))
     return out

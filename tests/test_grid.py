@@ -197,6 +197,13 @@ def test_folder_columns_and_the_images_command(tmp_path):
     assert [r["group"] for r in manifest["rows"]] == ["erased", "preserved"]
     box = manifest["layout"]["cell_boxes"][1][1]
     assert np.asarray(Image.open(out).convert("RGB").crop(box))[60, 60].tolist() == [0, 0, 250]
+    before = out.read_bytes()
+    assert main(["grid", "--images", str(tmp_path / "eval"), "--per-group", "2", "--out", str(out)]) == 1
+    assert out.read_bytes() == before  # an existing grid is kept unless --overwrite
+    assert (
+        main(["grid", "--images", str(tmp_path / "eval"), "--per-group", "2", "--out", str(out), "--overwrite"]) == 0
+    )
+    assert out.read_bytes() != before
 
 
 def test_images_folder_without_manifest_is_refused(tmp_path):
@@ -230,5 +237,5 @@ def test_grid_command_generates_base_and_edit_with_shared_seeds(tmp_path, capsys
     ]
     assert manifest["steps"] == 2 and manifest["edits"][0]["method"] == "uce"
     assert Image.open(out).size == (manifest["layout"]["width"], manifest["layout"]["height"])
-    assert main(["grid", "--model", str(model), "--out", str(out)]) == 1
+    assert main(["grid", "--model", str(model), "--out", str(tmp_path / "other.png")]) == 1
     assert "--concept" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from erasure.cli import main
-from erasure.evaluate import run_evaluation
+from erasure.evaluation import run_evaluation
 from erasure.files import save_images
 from erasure.report import (
     METRIC_COLUMNS,
@@ -168,6 +168,17 @@ def test_report_command_writes_atomically(evaluation, tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "r.html")]) == 1
     assert not (tmp_path / "r.html").exists()
     assert "No evaluation folder" in capsys.readouterr().err
+
+
+def test_report_refuses_to_replace_an_existing_report_unless_told(evaluation, tmp_path, capsys):
+    out = tmp_path / "report.html"
+    out.write_text("the old report")
+    assert main(["report", str(evaluation), "--out", str(out)]) == 1
+    assert "already exists" in capsys.readouterr().err and out.read_text() == "the old report"
+    assert main(["report", str(evaluation), "--out", str(out), "--overwrite"]) == 0
+    assert out.read_text().startswith("<!DOCTYPE html>") and sorted(p.name for p in tmp_path.iterdir()) == [
+        "report.html"
+    ]
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
