@@ -15,6 +15,12 @@ from pathlib import Path
 
 from erasure import __version__
 
+MODEL_CONFIG_HELP = (
+    "single-file --model only: a diffusers folder (or hub id) of the same architecture whose configs describe it "
+    "(needed offline when the configs are not in the Hugging Face cache)"
+)
+
+
 # --- parsing: strict option names and checked numbers -------------------------------------------------------
 
 
@@ -235,6 +241,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     out = run_evaluation(
         args.out,
         model=args.model,
+        model_config=args.model_config,
         edits=args.edit,
         weights=args.weights,
         rows=rows,
@@ -311,7 +318,8 @@ def _field_type(field: object) -> type:
 
 
 _ERASE_FLAGS = {
-    *("-h", "--help", "--model", "--concept", "--prompt", "--name", "--kind", "--anchor", "--preserve", "--images"),
+    *("-h", "--help", "--model", "--model-config", "--concept", "--prompt", "--name", "--kind", "--anchor"),
+    *("--preserve", "--images"),
     *("--out", "--overwrite", "--device", "--dtype", "--base-model-name", "--no-progress"),
 }
 
@@ -393,6 +401,7 @@ def _add_erase(subparsers: argparse._SubParsersAction) -> None:
         summary = (cls.__doc__ or name).strip().splitlines()[0]
         sub = _one_line_errors(methods.add_parser(name, help=summary, description=summary))
         sub.add_argument("--model", required=True, help="hub id, diffusers folder or single-file .safetensors")
+        sub.add_argument("--model-config", help=MODEL_CONFIG_HELP)
         # keep in sync with _ERASE_FLAGS: method options with these names get a --method- prefix
         what = sub.add_argument_group("what to erase (a concept file, or prompts)")
         what.add_argument(
@@ -459,7 +468,9 @@ def _erase(args: argparse.Namespace) -> int:
     }
     method = get_method(args.method, **overrides)
     images = load_training_images(args.images) if args.images is not None else None
-    pipe = load_pipeline(args.model, device=_device(args.device), dtype=getattr(torch, args.dtype))
+    pipe = load_pipeline(
+        args.model, device=_device(args.device), dtype=getattr(torch, args.dtype), config=args.model_config
+    )
     edit = method.apply(
         pipe, request, images=images, progress=not args.no_progress, base_model=args.base_model_name or str(args.model)
     )
@@ -501,6 +512,7 @@ def _add_export(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("run", type=Path, metavar="RUN", help="run folder holding the edit")
     parser.add_argument("--model", help="base model (default: the one recorded in the edit; LoRA needs none)")
+    parser.add_argument("--model-config", help=MODEL_CONFIG_HELP)
     parser.add_argument("--format", required=True, choices=["diffusers", "lora", "single-file"], help="output format")
     parser.add_argument("--out", type=Path, required=True, help="output folder (.safetensors file for single-file)")
     parser.add_argument(
@@ -526,6 +538,7 @@ def _run_export(args: argparse.Namespace) -> int:
         args.out,
         args.format,
         model=args.model,
+        model_config=args.model_config,
         scale=args.scale,
         rank=args.rank,
         device=_device(args.device),
@@ -580,6 +593,7 @@ def _add_grid(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--model", help="base pipeline: hub id, diffusers folder or .safetensors file")
+    parser.add_argument("--model-config", help=MODEL_CONFIG_HELP)
     parser.add_argument(
         "--edit", nargs="+", action="extend", default=[], metavar="RUN", help="edit folder(s); one column each"
     )
@@ -623,6 +637,7 @@ def _run_grid(args: argparse.Namespace) -> int:
     result = make_grid(
         args.out,
         model=args.model,
+        model_config=args.model_config,
         edits=args.edit,
         concept=args.concept,
         prompts=args.prompts,

@@ -154,6 +154,7 @@ def make_grid(
     out: str | Path,
     *,
     model: str | None = None,
+    model_config: str | Path | None = None,
     edits: Sequence[str | Path] = (),
     concept: str | Path | None = None,
     prompts: str | Path | None = None,
@@ -175,7 +176,9 @@ def make_grid(
     """Draw a comparison grid, base first then each edit, and save it with a manifest (atomically).
 
     Either generate (``model``, ``edits``, and ``concept`` or ``prompts``) or draw saved images
-    (``image_folders``). With a concept file, row ``i`` uses seed ``seed + i``; a CSV gives each row's seed.
+    (``image_folders``). ``model_config`` describes a single-file ``model`` (see
+    :func:`erasure.pipeline.load_pipeline`). With a concept file, row ``i`` uses seed ``seed + i``; a CSV gives each
+    row's seed.
 
     Returns:
         The :class:`GridResult`.
@@ -200,8 +203,9 @@ def make_grid(
         if concept is not None:
             rows = [dataclasses.replace(row, evaluation_seed=seed + i) for i, row in enumerate(rows)]
         columns, records = _generated_columns(
-            model, edits, rows, scale, steps, guidance, batch_size, device, base_check, max_relative_change, progress
-        )
+            (model, model_config), edits, rows, scale, steps, guidance, batch_size, device, base_check,
+            max_relative_change, progress,
+        )  # fmt: skip
         texts, groups, seeds = [r.prompt for r in rows], [r.role for r in rows], [r.evaluation_seed for r in rows]
         manifest |= {"source": str(concept or prompts), "model": model, "edits": records, "scale": scale}
         manifest |= {"steps": steps, "guidance": guidance}
@@ -219,7 +223,7 @@ def make_grid(
 
 
 def _generated_columns(
-    model: str,
+    model: tuple[str, str | Path | None],
     edit_folders: Sequence[str | Path],
     rows: Sequence[PromptRow],
     scale: float,
@@ -245,7 +249,7 @@ def _generated_columns(
         records.append(
             {"label": label, "path": str(folder), "method": method, "fingerprint": fingerprint(edit.deltas)}
         )
-    pipe = load_pipeline(model, device=device)
+    pipe = load_pipeline(model[0], device=device, config=model[1])
     pipe.set_progress_bar_config(disable=True)
     columns = generate_paired(
         pipe,

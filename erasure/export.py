@@ -53,6 +53,7 @@ def export_edit(
     format: str,
     *,
     model: str | None = None,
+    model_config: str | Path | None = None,
     scale: float = 1.0,
     rank: int = 16,
     device: str | torch.device | None = None,
@@ -65,6 +66,7 @@ def export_edit(
         out: Output folder (``diffusers``, ``lora``) or ``.safetensors`` file (``single-file``); must not exist.
         format: One of :data:`FORMATS`.
         model: Base model (default: the one the edit records); not needed for ``lora``.
+        model_config: For a single-file ``model``: the diffusers folder (or hub id) describing it.
         scale: Strength of the edit (``diffusers``, ``single-file``).
         rank: LoRA rank (capped at each layer's own rank).
         device: Where the model is loaded.
@@ -94,7 +96,7 @@ def export_edit(
     model = model or edit.config.get("base_model")
     if not model:
         raise ValueError("The edit records no base model; name it (--model).")
-    pipe = load_pipeline(model, device=device)
+    pipe = load_pipeline(model, device=device, config=model_config)
     edit.apply_to(pipe, scale=scale, max_relative_change=max_relative_change)
     with atomic_path(out, overwrite=False) as temporary:
         if format == "diffusers":

@@ -359,7 +359,8 @@ def _load_single_file(path: Path, config: str | Path | None, kwargs: dict[str, A
     advice = (
         "check that config= names a diffusers pipeline of the same architecture as the checkpoint."
         if config_arg is not None
-        else "pass config=<diffusers folder or hub id of the same architecture> to say how it is configured."
+        else "pass config=<diffusers folder or hub id of the same architecture> (--model-config on the command "
+        "line) to say how it is configured."
     )
     load_kwargs = {**_component_kwargs(cls), **kwargs}
     try:
@@ -369,7 +370,7 @@ def _load_single_file(path: Path, config: str | Path | None, kwargs: dict[str, A
             if not local_config:
                 advice = (
                     "its configs are not in the local Hugging Face cache and the hub is offline: pass "
-                    "config=<local diffusers folder of the same architecture>."
+                    "config=<local diffusers folder of the same architecture> (--model-config on the command line)."
                 )
             raise _load_error(path.name, error, advice) from error
         logger.info("Configs for %s are not cached (%s); trying the hub.", path.name, _reason(error))
@@ -379,7 +380,7 @@ def _load_single_file(path: Path, config: str | Path | None, kwargs: dict[str, A
         if config_arg is None:
             advice = (
                 "its configs are neither in the local Hugging Face cache nor fetchable from the hub: pass "
-                "config=<local diffusers folder of the same architecture>."
+                "config=<local diffusers folder of the same architecture> (--model-config on the command line)."
             )
         raise _load_error(path.name, error, advice) from error
 

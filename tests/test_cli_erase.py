@@ -244,3 +244,15 @@ def test_export_refuses_a_non_finite_scale(run, model, tmp_path, capsys):
     argv = ["export", str(run), "--model", str(model), "--format", "diffusers", "--out", str(out), "--scale", "nan"]
     assert exit_status(argv) != 0  # refused while parsing
     assert "--scale: 'nan' is not a finite number" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_single_file_model_is_described_by_model_config(run, model, tmp_path, capsys):
+    single = tmp_path / "edited.safetensors"
+    assert main(["export", str(run), "--model", str(model), "--format", "single-file", "--out", str(single)]) == 0
+    out = tmp_path / "again"
+    argv = ["erase", "uce", "--model", str(single), "--model-config", str(model), "--prompt", "zog", "--out", str(out)]
+    assert main([*argv, "--no-progress", "--device", "cpu"]) == 0
+    assert Edit.load(out).config["base_model"] == str(single)
+    assert main(["erase", "uce", "--model", str(single), "--model-config", str(tmp_path / "nowhere"), "--prompt",
+                 "zog", "--out", str(tmp_path / "x")]) == 1  # fmt: skip
+    assert "nowhere" in capsys.readouterr().err and not (tmp_path / "x").exists()
