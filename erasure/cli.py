@@ -143,6 +143,7 @@ def _add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--model", help="base pipeline: hub id, diffusers folder or .safetensors file")
+    parser.add_argument("--model-config", help=MODEL_CONFIG_HELP)
     parser.add_argument(
         "--edit", nargs="+", action="extend", default=[], metavar="RUN", help="edit folder(s); each is one model"
     )
@@ -466,7 +467,14 @@ def _erase(args: argparse.Namespace) -> int:
     overrides = {
         key.removeprefix("method__"): value for key, value in vars(args).items() if key.startswith("method__")
     }
-    method = get_method(args.method, **overrides)
+    try:
+        method = get_method(args.method, **overrides)
+    except ValueError as error:  # a config's own check names its field: say the option the user typed
+        message = str(error)
+        for field, flag, _ in _method_options(args.method):
+            if message.startswith(f"{field.name} "):
+                message = flag + message[len(field.name) :]
+        raise ValueError(message) from None
     images = load_training_images(args.images) if args.images is not None else None
     pipe = load_pipeline(
         args.model, device=_device(args.device), dtype=getattr(torch, args.dtype), config=args.model_config
