@@ -5,8 +5,9 @@ example of the data flow ``concept file -> EraseRequest -> method.apply -> Edit 
 
 1. ``samples.png``: a labelled sample grid of the toy world from the base checkpoint.
 2. ``edit/``: the UCE edit (``edit.safetensors`` deltas + ``edit_config.json``).
-3. ``evaluation/``: base and edited images from the same held-out prompts and seeds (the edit also at reduced
-   strengths, for the trade-off curve), scored with the toy CLIP (``metrics.json``, ``per_image.csv``).
+3. ``evaluation/``: base and edited images from the same held-out prompts and seeds, the edit at each strength of
+   a sweep (0, 0.5 and 1: the trade-off curve, scale 0 measured like the others), scored with the toy CLIP
+   (``metrics.json``, ``per_image.csv``, ``sweep.json``: :func:`erasure.evaluation.run_sweep`).
 4. ``grid.png``: base versus edited, erased prompts above preserved ones, same seed per row.
 5. ``report.html``: one self-contained page with the grid, the metrics table and the trade-off plot.
 """
@@ -19,10 +20,6 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-TOYWORLD_SD = ROOT / "checkpoints" / "toyworld-sd"
-TOYWORLD_CLIP = ROOT / "checkpoints" / "toyworld-clip"
-PIP_CONCEPT = ROOT / "prompts" / "toyworld" / "pip.toml"
 SAMPLE_SUBJECTS = (
     "Pip", "Zog", "Miro", "a red circle", "a green square", "a blue triangle", "a yellow cross", "a purple circle",
     "a striped red square", "a striped blue circle", "an outlined green triangle", "an outlined purple cross",
@@ -49,43 +46,47 @@ def sample_grid(model: str | Path, out: Path, *, steps: int = 25, guidance_scale
 def run_demo(
     out: str | Path,
     *,
-    model: str | Path = TOYWORLD_SD,
-    concept: str | Path = PIP_CONCEPT,
+    model: str | Path | None = None,
+    concept: str | Path | None = None,
     method: str = "uce",
-    clip: str | Path = TOYWORLD_CLIP,
+    clip: str | Path | None = None,
     steps: int = 25,
     guidance_scale: float = 7.5,
     seeds_per_prompt: int = 13,
-    sweep_scales: tuple[float, ...] = (0.5, 1.0),
+    sweep_scales: tuple[float, ...] = (0.0, 0.5, 1.0),
     overwrite: bool = False,
 ) -> dict[str, Path]:
     """Erase a concept from the toy checkpoint, then write its grid, evaluation and report under ``out``.
 
     Args:
         out: Output folder (refused if it exists, unless ``overwrite``).
-        model: Base pipeline.
-        concept: Concept file (TOML) of what to erase.
+        model: Base pipeline (default: the shipped ``toyworld-sd``, found by :mod:`erasure.resources`).
+        concept: Concept file (TOML) of what to erase (default: the shipped ``toyworld/pip.toml``).
         method: Registered method name.
-        clip: CLIP used by the evaluator (folder or ``NAME:TAG``).
+        clip: CLIP used by the evaluator, folder or ``NAME:TAG`` (default: the shipped ``toyworld-clip``).
         steps: DDIM steps of every generation.
         guidance_scale: Classifier-free guidance of every generation.
         seeds_per_prompt: Seeds per held-out prompt (Pip has 8 held-out prompts: 13 seeds give 104 images per model).
-        sweep_scales: Strengths at which the edit is evaluated for the trade-off curve (1.0 = the edit as made).
+        sweep_scales: Strengths at which the edit is evaluated for the trade-off curve (0 = the base weights, 1.0 =
+            the edit as made); every one is generated and measured.
         overwrite: Replace an existing ``out``.
 
     Returns:
         The paths written: ``samples``, ``edit``, ``evaluation``, ``grid``, ``report``.
     """
     from erasure.concepts import load_concepts
-    from erasure.edit import Edit
-    from erasure.evaluate import PromptSource, run_evaluation
+    from erasure.evaluation import PromptSource, run_sweep
     from erasure.generate import generate_paired
     from erasure.grid import comparison_grid, save_grid
     from erasure.methods import get_method
     from erasure.pipeline import load_pipeline
     from erasure.prompt_sets import file_sha256, rows_from_request
-    from erasure.report import sweep_point, write_report, write_sweep
+    from erasure.report import write_report
+    from erasure.resources import checkpoint, prompt_file
 
+    model = model or checkpoint("toyworld-sd")
+    concept = concept or prompt_file("toyworld/pip.toml")
+    clip = clip or checkpoint("toyworld-clip")
     out = Path(out)
     if out.exists():
         if not overwrite:
@@ -100,20 +101,15 @@ def run_demo(
     paths["edit"] = edit.save(out / "edit")
     logger.info("erased %s with %s: %d tensors changed", request.concepts[0].name, method, len(edit.deltas))
 
-    # The edit at reduced strengths is saved as further edits, so one evaluation scores them all on the same seeds.
-    edit_folders = {}
-    for scale in sweep_scales:
-        folder = paths["edit"] if scale == 1.0 else out / "sweep" / f"edit-scale-{scale:g}"
-        if scale != 1.0:
-            scaled = Edit({key: delta * scale for key, delta in edit.deltas.items()}, {**edit.config, "scale": scale})
-            scaled.save(folder)
-        edit_folders[scale] = folder
+    # One sweep: the edit at each strength, scale 0 (the base weights) measured like the others, on the same seeds.
     rows = rows_from_request(request, seeds_per_prompt=seeds_per_prompt, base_seed=0)
-    paths["evaluation"] = run_evaluation(
+    paths["evaluation"] = run_sweep(
         out / "evaluation",
         model=str(model),
-        edits=[edit_folders[scale] for scale in sweep_scales],
+        edit=paths["edit"],
+        scales=sweep_scales,
         rows=rows,
+        metadata={"method": method, "concept": str(concept)},
         prompt_source=PromptSource("concepts", str(concept), file_sha256(concept)),
         clip=str(clip),
         steps=steps,
@@ -138,34 +134,8 @@ def run_demo(
     paths["grid"] = save_grid(grid, out / "grid.png", manifest)
     shutil.copy(paths["grid"], paths["evaluation"] / "grid.png")
 
-    metrics = paths["evaluation"] / "metrics.json"
-    labels = _model_labels(metrics)
-    points = [{"scale": 0.0, **_base_point(metrics)}]
-    points += [sweep_point(metrics, scale, model=label) for scale, label in zip(sweep_scales, labels, strict=True)]
-    write_sweep(paths["evaluation"] / "sweep.json", points, method=method, concept=str(concept))
     paths["report"] = write_report([paths["evaluation"]], out / "report.html", title="erasure demo: Pip with UCE")
     return paths
-
-
-def _model_labels(metrics_json: Path) -> list[str]:
-    """Labels of the edited models in ``metrics.json``, in evaluation order (the base model excluded)."""
-    import json
-
-    document = json.loads(metrics_json.read_text())
-    reference = document.get("reference")
-    return [label for label in document["models"] if label != reference]
-
-
-def _base_point(metrics_json: Path) -> dict:
-    """The base model's metrics as the scale-0 sweep point (the edit at strength 0 is the base model)."""
-    import json
-
-    document = json.loads(metrics_json.read_text())
-    base = document["metrics"][document["reference"]]
-    return {key: value for key, value in base.items() if isinstance(value, int | float | None)} | {
-        "paired_preservation": 1.0,
-        "cmmd": 0.0,
-    }
 
 
 __all__ = ["run_demo", "sample_grid"]

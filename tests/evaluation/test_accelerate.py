@@ -9,12 +9,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from evaluation_helpers import save_tiny_clip
 
 from erasure.cli import main
 from erasure.edit import Edit, fingerprint, pipeline_tensor
@@ -22,33 +22,7 @@ from erasure.files import load_image
 from erasure.prompt_sets import PromptRow, save_prompt_csv
 from erasure.testing import save_tiny_pipeline, tiny_pipeline
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_CLIP_CONFIG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-
-
-def save_tiny_clip(folder: Path) -> Path:
-    """A tiny random open_clip model in open_clip's local-dir layout."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    if "erasure-tiny-clip" not in open_clip.list_models():
-        with tempfile.TemporaryDirectory() as configs:
-            Path(configs, "erasure-tiny-clip.json").write_text(json.dumps(TINY_CLIP_CONFIG))
-            open_clip.add_model_config(configs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = open_clip.create_model("erasure-tiny-clip", pretrained=None)
-    folder.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    preprocess = {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3}
-    (folder / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": preprocess})
-    )
-    return folder
+REPO = Path(__file__).resolve().parents[2]
 
 
 def read_csv(path):
@@ -116,3 +90,42 @@ def test_two_processes_merge_to_the_single_process_result(tmp_path):
         first, second = load_image(tmp_path / "single" / row["image"]), load_image(tmp_path / "sharded" / row["image"])
         np.testing.assert_array_equal(first, second)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_gather_puts_every_process_share_back_in_prompt_order(monkeypatch):
+    # Each process holds some jobs' embeddings and verdicts; gather_object returns the processes' objects in rank
+    # order. The merge must follow the job indices, whatever the shards look like.
+    import accelerate.utils
+
+    from erasure.evaluation.jobs import EvaluationPlan, Generation, ImageJob, ModelEntry
+    from erasure.evaluation.judges import Verdict
+    from erasure.evaluation.run import _gather
+
+    rows = [PromptRow(i, f"prompt {i}", i) for i in range(5)]
+    jobs = [ImageJob(i, row, 0, i) for i, row in enumerate(rows)]
+    plan = EvaluationPlan([ModelEntry("base", "base", "m"), ModelEntry("edit", "edit", "e")], jobs, Generation(), 1)
+    features = {
+        label: torch.randn(5, 3, generator=torch.Generator().manual_seed(k))
+        for k, label in enumerate(("base", "edit"))
+    }
+
+    def share(indices):
+        return {
+            "index": indices,
+            "features": {label: value[indices] for label, value in features.items()},
+            "verdicts": {"judge": {label: [Verdict(f"{label}{i}") for i in indices] for label in features}},
+        }
+
+    shares = [share([3, 1, 4]), share([0, 2])]
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: [*shares])
+
+    class TwoProcesses:
+        num_processes = 2
+
+    merged, verdicts = _gather(TwoProcesses(), shares[0], plan)
+    for label, value in features.items():
+        assert torch.equal(merged[label], value)
+        assert [v.label for v in verdicts["judge"][label]] == [f"{label}{i}" for i in range(5)]
+    shares[1] = share([0])  # image 2 is missing: refuse, never write a partial evaluation
+    with pytest.raises(RuntimeError, match="not each of the 5 once"):
+        _gather(TwoProcesses(), shares[0], plan)
