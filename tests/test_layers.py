@@ -30,7 +30,7 @@ LAYERS: dict[int, set[str]] = {
     5: {"evaluation", "evaluation.*", "grid", "comparison", "report", "report.*", "toyworld.quality",
         "toyworld.judge"},
     6: {"demo", "attacks", "attacks.*"},
-    7: {"cli", "__main__"},
+    7: {"cli", "cli.*", "__main__"},
 }  # fmt: skip
 
 
