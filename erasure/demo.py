@@ -76,7 +76,6 @@ def run_demo(
     """
     from erasure.concepts import load_concepts
     from erasure.evaluation import PromptSource, run_sweep
-    from erasure.generate import generate_paired
     from erasure.grid import comparison_grid, save_grid
     from erasure.methods import get_method
     from erasure.pipeline import load_pipeline
@@ -125,8 +124,7 @@ def run_demo(
                 seen[row.prompt] = seen.get(row.prompt, 0) + 1
                 chosen.append(row)
     prompts, seeds = [row.prompt for row in chosen], [row.evaluation_seed for row in chosen]
-    columns = generate_paired(pipe, {f"{method} (scale 1)": edit}, prompts, seeds, steps=steps,
-                               guidance_scale=guidance_scale)  # fmt: skip
+    columns = _evaluated_columns(paths["evaluation"], chosen, {None: "base", 1.0: f"{method} (scale 1)"})
     grid = comparison_grid(columns, prompts, [row.type for row in chosen], seeds,
                            title=f"erase {request.concepts[0].name} with {method}")  # fmt: skip
     manifest = {"model": str(model), "edit": str(paths["edit"]), "prompts": prompts, "seeds": seeds,
@@ -134,8 +132,28 @@ def run_demo(
     paths["grid"] = save_grid(grid, out / "grid.png", manifest)
     shutil.copy(paths["grid"], paths["evaluation"] / "grid.png")
 
-    paths["report"] = write_report([paths["evaluation"]], out / "report.html", title="erasure demo: Pip with UCE")
+    title = f"erasure demo: {request.concepts[0].name} with {method}"
+    paths["report"] = write_report([paths["evaluation"]], out / "report.html", title=title)
     return paths
+
+
+def _evaluated_columns(evaluation: Path, rows: list, labels: dict[float | None, str]) -> dict[str, list]:
+    """Grid columns read from an evaluation's saved images (no second generation): ``{column label: images}``.
+
+    ``labels`` maps a sweep scale (``None``: the base model) to its column label; each row's first image is used.
+    """
+    import json
+
+    from erasure.files import image_filename, load_image
+
+    models = json.loads((evaluation / "metrics.json").read_text(encoding="utf-8"))["models"]
+    by_scale = {info.get("scale"): label for label, info in models.items() if info.get("kind", "base") != "base"}
+    by_scale[None] = next(label for label, info in models.items() if info.get("kind") == "base")
+    columns = {}
+    for scale, column in labels.items():
+        folder = evaluation / "images" / by_scale[scale]
+        columns[column] = [load_image(folder / image_filename(row.case_number, 0)) for row in rows]
+    return columns
 
 
 __all__ = ["run_demo", "sample_grid"]
