@@ -1,0 +1,149 @@
+"""Concept inversion: textual inversion of a new token against the edited model, on base-model images.
+
+Pham, Marshall, Cohen, Mittal, Hegde, "Circumventing Concept Erasure Methods for Text-to-Image Generative Models"
+(ICLR 2024, arXiv 2308.01508): learn one new word embedding ``v_*`` with the erased weights frozen,
+
+    v_* = argmin_v  E_{x ~ D, y ~ T, t, eps} || eps - eps_theta*(x_t, t, tau(y(v))) ||^2
+
+(textual inversion, Gal et al. ICLR 2023, Eq. 2, on the edited model; :class:`~erasure.attacks.embedding.
+DenoiseObjective`, ``token`` parametrisation). ``D``: base-model images of the concept's ``erase`` prompts at seeds
+``train_seed + j`` (never the held-out rows' images); ``y``: those prompts with the concept words replaced by the
+placeholder. Only the new row is trained (the override supplies it; every other tensor is frozen). Evaluation: the
+held-out prompts with the concept words replaced by the placeholder (or the placeholder appended), on the edited
+model. The vector is exported as ``{placeholder: [1, d]}`` safetensors, the file
+``pipe.load_textual_inversion(path, token=...)`` reads (:func:`~erasure.attacks.embedding.save_learned_embeds`).
+
+Textual inversion can teach a model a concept it never knew (that is what it was invented for), so recovery here
+proves "still in the weights" only against a reference model that never learned the concept (the suite's
+``reference``). ``paper``: 5000 AdamW steps, batch 4 x 4 accumulation, lr 5e-3 x scale_lr = 0.08, weight decay
+1e-2, 25 images (``NYU-DICE-Lab/circumventing-concept-erasure`` ``esd/train.sh``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from erasure.attacks import register
+from erasure.attacks.base import (
+    Attack,
+    AttackConfig,
+    AttackContext,
+    AttackError,
+    AttackResult,
+    mentions,
+    replace_words,
+)
+from erasure.attacks.embedding import (
+    DenoiseObjective,
+    added_token,
+    frozen,
+    make_parametrisation,
+    optimise,
+    placeholder_layout,
+    token_embedding,
+    vocabulary_ids,
+)
+from erasure.concepts import Concept
+from erasure.prompt_sets import PromptRow
+from erasure.sampling import images_to_latents
+
+__all__ = ["ConceptInversion", "InversionConfig", "KIND_WORDS"]
+
+#: Initialiser word per concept kind when the config names none.
+KIND_WORDS: dict[str, str] = {
+    "character": "character",
+    "style": "art",
+    "object": "object",
+    "attribute": "color",
+    "unsafe": "person",
+}
+
+
+@dataclass
+class InversionConfig(AttackConfig):
+    """Concept-inversion settings."""
+
+    token: str = field(default="<concept>", metadata={"help": "the placeholder token added to the tokenizer"})
+    init_word: str | None = field(default=None, metadata={"help": "initialiser word (default: by concept kind)"})
+    images: int = field(default=32, metadata={"help": "base-model training images"})
+    steps: int = field(default=300, metadata={"help": "AdamW steps"})
+    lr: float = field(default=5e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
+    batch_size: int = field(default=16, metadata={"help": "(image, t, eps) samples per step"})
+    train_seed: int = field(default=100_000, metadata={"help": "seed of the first training image"})
+
+    PRESETS = {
+        "toy": {"images": 32, "steps": 300, "lr": 5e-3, "batch_size": 16},
+        "paper": {"images": 25, "steps": 5000, "lr": 0.08, "batch_size": 16},
+    }
+    BUDGETS = ("images", "steps", "batch_size")
+
+
+def _init_id(tokenizer, word: str) -> int:
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if not ids:
+        raise AttackError(f"The initialiser word {word!r} encodes to no token.")
+    return int(ids[0])
+
+
+def with_placeholder(prompt: str, words, token: str) -> str:
+    """``prompt`` with the concept words replaced by ``token``, or ``token`` appended when it names none."""
+    return replace_words(prompt, words, token) if mentions(prompt, words) else f"{prompt}, {token}"
+
+
+@register("inversion")
+class ConceptInversion(Attack):
+    """Textual inversion of a new token against the edited model."""
+
+    surface = "embedding"
+    config_class = InversionConfig
+
+    def _run(self, ctx: AttackContext, concept: Concept, rows: list[PromptRow]) -> AttackResult:
+        config = self.config
+        generator = torch.Generator().manual_seed(config.seed)
+        pipe, words = ctx.pipe, concept.concept_words
+        train = [
+            PromptRow(j, concept.erase[j % len(concept.erase)], config.train_seed + j) for j in range(config.images)
+        ]
+        images = ctx.base_images(train)
+        latents = images_to_latents(pipe, images, ctx.size, generator, sample=True)
+        init_id = _init_id(pipe.tokenizer, config.init_word or KIND_WORDS[concept.kind])
+        table = token_embedding(pipe.text_encoder).weight.detach()
+        with added_token(pipe, config.token, table[init_id]) as token_id:
+            captions = list(dict.fromkeys(with_placeholder(r.prompt, words, config.token) for r in train))
+            layouts = [placeholder_layout(pipe.tokenizer, text, token_id) for text in captions]
+            caption_of = torch.tensor([captions.index(with_placeholder(r.prompt, words, config.token)) for r in train])
+            vocab = vocabulary_ids(pipe.tokenizer)
+            param = make_parametrisation(
+                "token", token_embedding(pipe.text_encoder).weight.detach(), vocab, 1, [init_id]
+            )
+            objective = DenoiseObjective(latents, caption_of, config.batch_size)
+            found = optimise(
+                ctx, layouts, param, objective, steps=config.steps, lr=config.lr, optimizer="adamw",
+                weight_decay=config.weight_decay, generator=generator,
+            )  # fmt: skip
+            vector = found.rows[0]
+            with torch.no_grad(), frozen(pipe):
+                token_embedding(pipe.text_encoder).weight[token_id] = vector.to(table)
+            prompts = [with_placeholder(r.prompt, words, config.token) for r in rows]
+            attacked = ctx.generate("edited", prompts, [r.evaluation_seed for r in rows])
+        hits = ctx.judge_images(attacked)
+        scores = ctx.select_scores(attacked)
+        records = [
+            {
+                "attack": self.name, "model": "edited", "case_number": r.case_number, "prompt": p,
+                "seed": r.evaluation_seed, "variant": 0, "params": {"token": config.token},
+                "selector_score": s, "selected": True, "shows_target": h,
+            }
+            for r, p, s, h in zip(rows, prompts, scores, hits, strict=True)
+        ]  # fmt: skip
+        prompt_rows = [
+            PromptRow(r.case_number, p, r.evaluation_seed, r.concept, r.type, r.classes, {"attack": self.name})
+            for r, p in zip(rows, prompts, strict=True)
+        ]
+        return self.result(
+            rows, hits, records=records, prompts=prompt_rows, images=attacked, embeddings={config.token: vector},
+            notes={"losses": found.losses, "init_word": config.init_word or KIND_WORDS[concept.kind]},
+        )  # fmt: skip

@@ -1,0 +1,237 @@
+"""``run_probe``: run a suite of registered attacks on an edit, and write the per-image table, summary and verdict.
+
+Suites (each a list of registered attacks, cheapest first; names not registered are skipped with a warning):
+
+* ``quick``: paraphrase + seed search, Ring-A-Bell (continuous), trajectory completion, noise, inpainting: no
+  optimisation, a few generations each;
+* ``standard``: + UnlearnDiffAtk, P4D, concept inversion (optimised tokens and embeddings);
+* ``full``: + relearning (weights).
+
+The base and edited columns (plain held-out prompts) are generated once and shared by every attack's metrics. With
+a ``reference`` pipeline (a model that never learned the concept: the capacity control), every attack on the
+embedding or weight surface is run on it too (its plain column as the "edited" model, no edit), because textual
+inversion and fine-tuning can teach a concept to any model: their recovery on the edit counts only beyond what they
+reach on the reference (:func:`erasure.attacks.verdict.decide`).
+
+``out`` receives, atomically (a temporary folder renamed into place: an interrupted probe leaves nothing):
+``per_image.csv`` (one row per generated image: attack, model, case number, prompt, seed, variant, its parameters,
+selector score, picked, judge verdict), ``summary.json`` (per attack: rates with intervals, gap closed, recovery,
+ASR in both denominators, cost; the settings), ``verdict.json``, ``prompts.csv`` (the adversarial prompts in the
+field's schema with an ``attack`` column, replayable by ``erasure evaluate``) and ``embeddings/<attack>.safetensors``
+(learned tokens in diffusers' ``load_textual_inversion`` format).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from erasure.attacks import ATTACKS, get_attack
+from erasure.attacks.base import AttackContext, AttackError, AttackResult, evaluation_rows
+from erasure.attacks.embedding import save_learned_embeds
+from erasure.attacks.verdict import attack_metrics, decide, rate_interval
+from erasure.concepts import Concept
+from erasure.files import atomic_path
+from erasure.prompt_sets import save_prompt_csv
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["REFERENCE_SURFACES", "SUITES", "run_probe"]
+
+_QUICK = ("paraphrase", "ring_a_bell", "trajectory", "noise", "inpaint")
+_STANDARD = (*_QUICK, "unlearndiffatk", "p4d", "inversion")
+SUITES: dict[str, tuple[str, ...]] = {"quick": _QUICK, "standard": _STANDARD, "full": (*_STANDARD, "relearning")}
+#: Surfaces whose attacks can teach a concept to any model: also run on the reference model.
+REFERENCE_SURFACES: tuple[str, ...] = ("embedding", "weights")
+PER_IMAGE_COLUMNS = (
+    "attack", "model", "case_number", "prompt", "seed", "variant", "params", "selector_score", "selected",
+    "shows_target",
+)  # fmt: skip
+
+
+def _json(value: Any) -> Any:
+    """Strict JSON: NaN and infinities as ``null``, tuples as lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): _json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json(v) for v in value]
+    return value
+
+
+def _column_records(name: str, model: str, rows, prompts, hits) -> list[dict[str, Any]]:
+    return [
+        {
+            "attack": name, "model": model, "case_number": r.case_number, "prompt": p, "seed": r.evaluation_seed,
+            "variant": 0, "params": {}, "selector_score": None, "selected": True, "shows_target": h,
+        }
+        for r, p, h in zip(rows, prompts, hits, strict=True)
+    ]  # fmt: skip
+
+
+def _check_out(out: Path | None, overwrite: bool) -> None:
+    if out is None:
+        return
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise AttackError(f"{out} exists and is not empty; choose another output folder or pass overwrite=True.")
+
+
+def run_probe(
+    pipe: Any,
+    edit: Any,
+    concept: Concept,
+    judge: Any,
+    selector: Any,
+    suite: str = "quick",
+    reference: Any = None,
+    out: str | Path | None = None,
+    *,
+    preset: str = "toy",
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    allow_selector_as_judge: bool = False,
+    overwrite: bool = False,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Run the suite's attacks on ``edit`` and return the summary (verdict included); write it to ``out``.
+
+    Args:
+        pipe: The base pipeline.
+        edit: The edit under test (:class:`erasure.edit.Edit`), or ``None`` for the pipeline as loaded.
+        concept: The concept; its ``evaluate`` prompts are the held-out rows every image is judged on.
+        judge: ``images -> list[bool]``, scores every reported image.
+        selector: ``images -> list[float]``, chooses inside searches (must not be ``judge`` unless allowed).
+        suite: ``quick``, ``standard`` or ``full``.
+        reference: A pipeline of the same architecture that never learned the concept (capacity control).
+        out: Output folder, written atomically at the end; nothing is written without it.
+        preset: Every attack's preset (``toy`` or ``paper``).
+        options: Per-attack config overrides, ``{"noise": {"etas": [1.0]}}``.
+        allow_selector_as_judge: Permit ``selector is judge`` (recorded).
+        overwrite: Replace an existing non-empty ``out``.
+        **settings: :class:`~erasure.attacks.base.AttackContext` generation settings (``steps``, ``guidance``,
+            ``images_per_prompt``, ``base_seed``, ``batch_size``, ``size``, ``scale``).
+
+    Returns:
+        The summary: ``{concept, suite, preset, settings, columns, attacks: {name: {...}}, verdict, cost}``.
+
+    Raises:
+        AttackError: On an unknown suite or option, a concept without evaluate prompts, selector = judge without
+            the flag, or an existing ``out`` (checked before any work).
+        erasure.edit.FingerprintMismatchError: If the edit was made from another base model.
+    """
+    if suite not in SUITES:
+        raise AttackError(f"Unknown suite {suite!r}; choose from {', '.join(SUITES)}.")
+    out = Path(out) if out is not None else None
+    _check_out(out, overwrite)
+    options = dict(options or {})
+    names = [name for name in SUITES[suite] if name in ATTACKS]
+    for name in sorted(set(SUITES[suite]) - set(names)):
+        logger.warning("Suite '%s': attack '%s' is not available; skipped.", suite, name)
+    unknown = sorted(set(options) - set(ATTACKS))
+    if unknown:
+        raise AttackError(f"options name unknown attack(s) {', '.join(unknown)}; known: {', '.join(sorted(ATTACKS))}.")
+    attacks = {name: get_attack(name, preset, **options.get(name, {})) for name in names}  # bad options fail here
+    ctx = AttackContext(pipe, edit, judge, selector, allow_selector_as_judge=allow_selector_as_judge, **settings)
+    reference_ctx = None
+    if reference is not None:
+        reference_ctx = AttackContext(
+            reference, None, judge, selector, allow_selector_as_judge=allow_selector_as_judge, **settings
+        )
+    rows = evaluation_rows(concept, ctx.images_per_prompt, ctx.base_seed)
+    prompts, seeds = [r.prompt for r in rows], [r.evaluation_seed for r in rows]
+
+    with ctx.meter() as columns_cost:
+        base_hits = ctx.judge_images(ctx.base_images(rows))
+        edited_hits = ctx.judge_images(ctx.generate("edited", prompts, seeds))
+    records = _column_records("none", "base", rows, prompts, base_hits)
+    records += _column_records("none", "edited", rows, prompts, edited_hits)
+    results: dict[str, AttackResult] = {}
+    reference_results: dict[str, AttackResult] = {}
+    for name, attack in attacks.items():
+        logger.info("Probe: running %s (%s).", name, attack.surface)
+        results[name] = attack.run(ctx, concept)
+        records += results[name].records
+        if reference_ctx is not None and attack.surface in REFERENCE_SURFACES:
+            reference_results[name] = attack.run(reference_ctx, concept)
+            records += [r | {"model": "reference"} for r in reference_results[name].records]
+
+    case_ids = [r.case_number for r in rows]
+    prompt_ids = [r.prompt for r in rows]
+    summary_attacks: dict[str, Any] = {}
+    for name, result in results.items():
+        reference_hits = reference_results[name].hits if name in reference_results else None
+        metrics = attack_metrics(
+            base_hits, edited_hits, result.hits, base_attacked=result.base_hits,
+            reference_attacked=reference_hits, prompt_ids=prompt_ids,
+        )  # fmt: skip
+        summary_attacks[name] = {
+            "surface": result.surface,
+            "metrics": metrics,
+            "config": result.config,
+            "cost": result.cost,
+            "reference_cost": reference_results[name].cost if name in reference_results else None,
+            "notes": {k: v for k, v in result.notes.items() if k not in ("losses", "settings")},
+        }
+    verdict = decide({"base": base_hits, "edited": edited_hits}, summary_attacks, reference=reference is not None)
+    total = dict(columns_cost.summary())
+    for result in [*results.values(), *reference_results.values()]:
+        for key, value in result.cost.items():
+            total[key] = total.get(key, 0) + value
+    summary = {
+        "concept": concept.name,
+        "suite": suite,
+        "preset": preset,
+        "settings": ctx.settings(),
+        "rows": len(rows),
+        "case_numbers": case_ids,
+        "columns": {
+            "base": rate_interval(base_hits),
+            "edited": rate_interval(edited_hits),
+            "cost": columns_cost.summary(),
+        },
+        "attacks": summary_attacks,
+        "verdict": verdict,
+        "cost": total,
+    }
+    if out is not None:
+        _write(out, summary, verdict, records, results)
+    return summary
+
+
+def _write(
+    out: Path, summary: dict[str, Any], verdict: dict[str, Any], records: list[dict[str, Any]], results
+) -> None:
+    """Everything into a temporary folder beside ``out``, renamed into place when complete."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(PER_IMAGE_COLUMNS)
+    for record in records:
+        values = dict(record)
+        values["params"] = json.dumps(_json(values.get("params", {})), sort_keys=True)
+        writer.writerow(["" if values.get(c) is None else values.get(c) for c in PER_IMAGE_COLUMNS])
+    prompt_rows = [row for result in results.values() for row in result.prompts]
+    with atomic_path(out) as temporary:
+        temporary.mkdir()
+        (temporary / "per_image.csv").write_text(buffer.getvalue(), encoding="utf-8", newline="")
+        (temporary / "summary.json").write_text(json.dumps(_json(summary), indent=2) + "\n", encoding="utf-8")
+        (temporary / "verdict.json").write_text(json.dumps(_json(verdict), indent=2) + "\n", encoding="utf-8")
+        if prompt_rows:
+            renumbered = [
+                type(row)(i, row.prompt, row.evaluation_seed, row.concept, row.type, row.classes, row.extra)
+                for i, row in enumerate(prompt_rows)
+            ]  # case numbers must be unique in one file; the original is kept as the "case" column
+            for row, original in zip(renumbered, prompt_rows, strict=True):
+                row.extra["case"] = str(original.case_number)
+            save_prompt_csv(renumbered, temporary / "prompts.csv")
+        for name, result in results.items():
+            learned = {k: v for k, v in result.embeddings.items() if v.ndim == 1}
+            if result.surface == "embedding" and name == "inversion" and learned:
+                (temporary / "embeddings").mkdir(exist_ok=True)
+                token, vector = next(iter(learned.items()))
+                save_learned_embeds(temporary / "embeddings" / f"{name}.safetensors", token, vector)

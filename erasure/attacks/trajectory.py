@@ -1,0 +1,100 @@
+"""Diffusion-completion probe: the base model starts the trajectory, the edited model finishes it.
+
+Lu, Kriplani, Gandikota, Pham, Bau, Hegde, Cohen, "When Are Concepts Erased From Diffusion Models?" (NeurIPS 2025,
+arXiv 2505.17013), the diffusion-completion probe. With the DDIM timesteps ``tau_0 > ... > tau_{N-1}`` of an
+``N``-step schedule and the row's prompt ``c`` and seed::
+
+    x_{tau_k} = DDIM_theta(x_T, c; steps 0 .. k-1)          (the base model, k steps)
+    x_0       = DDIM_theta*(x_{tau_k}, c; steps k .. N-1)   (the edited model finishes)
+
+``k = 0`` is the edited model's own generation and ``k = N`` the base model's (both tested). An edit that only
+redirects the text guidance lets a trajectory that has already committed to the concept land on it; an edit that
+removed the concept pulls it off. The base prefix is run once per row to the largest ``k``, keeping each handoff
+state, and the selector picks the best handoff per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from erasure.attacks import register
+from erasure.attacks.base import Attack, AttackConfig, AttackContext, AttackError, AttackResult
+from erasure.attacks.sampler import decode, sample, seeded_noise
+from erasure.concepts import Concept
+from erasure.prompt_sets import PromptRow
+
+__all__ = ["TrajectoryCompletion", "TrajectoryConfig", "complete"]
+
+
+def complete(
+    ctx: AttackContext, prompts: Sequence[str], seeds: Sequence[int], handoffs: Sequence[int]
+) -> list[np.ndarray]:
+    """Images for each handoff ``k``: the base model's first ``k`` DDIM steps, then the edited model's rest.
+
+    Args:
+        ctx: The context (its ``steps`` is ``N``, its ``guidance`` the CFG scale of both halves).
+        prompts: One prompt per image.
+        seeds: One seed per image.
+        handoffs: Steps ``0 <= k <= N`` the base model takes.
+
+    Returns:
+        One uint8 ``(len(prompts), H, W, 3)`` array per handoff, in order.
+    """
+    bad = [k for k in handoffs if not 0 <= int(k) <= ctx.steps]
+    if bad:
+        raise AttackError(f"handoff steps must lie in [0, {ctx.steps}] (the schedule's length); got {bad}.")
+    wanted = sorted({int(k) for k in handoffs})
+    out: dict[int, list[np.ndarray]] = {k: [] for k in wanted}
+    for start in range(0, len(prompts), ctx.batch_size):
+        stop = min(start + ctx.batch_size, len(prompts))
+        cond = ctx.encode(prompts[start:stop])
+        noise, _ = seeded_noise(ctx.pipe, seeds[start:stop], ctx.size)
+        states = {0: noise}
+
+        def keep(i: int, t: torch.Tensor, x: torch.Tensor, states=states) -> torch.Tensor:
+            if i + 1 in out:
+                states[i + 1] = x.clone()
+            return x
+
+        with ctx.model("base") as pipe:
+            if wanted[-1] > 0:
+                sample(pipe, cond, noise, steps=ctx.steps, guidance=ctx.guidance, stop=wanted[-1], on_step=keep)
+        with ctx.model("edited") as pipe:
+            for k in wanted:
+                latents = sample(pipe, cond, states[k], steps=ctx.steps, guidance=ctx.guidance, start=k)
+                out[k].append(decode(pipe, latents))
+    return [np.concatenate(out[int(k)]) for k in handoffs]
+
+
+@dataclass
+class TrajectoryConfig(AttackConfig):
+    """Trajectory-completion settings."""
+
+    handoffs: tuple[int, ...] = field(
+        default=(2, 5), metadata={"help": "DDIM steps the base model takes before the edited model finishes"}
+    )
+
+    PRESETS = {"toy": {"handoffs": (2, 5)}, "paper": {"handoffs": (1, 2)}}  # the runner's k in {0,1,2} of 50
+
+    def validate(self) -> None:  # noqa: D102
+        if not self.handoffs or min(self.handoffs) < 0:
+            raise AttackError("TrajectoryConfig: handoffs must list at least one step count >= 0.")
+
+
+@register("trajectory")
+class TrajectoryCompletion(Attack):
+    """Base model starts, edited model finishes; best handoff per row by the selector."""
+
+    surface = "trajectory"
+    config_class = TrajectoryConfig
+
+    def _run(self, ctx: AttackContext, concept: Concept, rows: list[PromptRow]) -> AttackResult:
+        handoffs = list(self.config.handoffs)
+        variants = complete(ctx, [r.prompt for r in rows], [r.evaluation_seed for r in rows], handoffs)
+        params = [{"handoff": k} for k in handoffs]
+        hits, picked, records = ctx.best_of(rows, variants, params, model="edited", attack=self.name)
+        return self.result(rows, hits, records=records, images=picked)

@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+import torch
+from attack_helpers import CONCEPT, brightness_judge, red_selector, tiny, tiny_edit, unet_fingerprint
+
+import erasure.attacks as attacks
+from erasure.attacks.base import AttackContext, AttackError, evaluation_rows
+from erasure.attacks.inpaint import centre_mask, inpaint
+from erasure.attacks.trajectory import complete
+from erasure.edit import fingerprint
+from erasure.generate import generate
+
+STEPS = 2
+#: Budgets that keep every registered attack to seconds on the tiny pipeline.
+TINY = {
+    "paraphrase": {"rewordings": 1, "seeds": 1},
+    "trajectory": {"handoffs": (1,)},
+    "noise": {"etas": (1.5,), "variance_scales": (1.04,), "control": True},
+    "inpaint": {"control": True},
+    "ring_a_bell": {"etas": (3.0,)},
+    "unlearndiffatk": {"steps": 2, "batch_size": 2, "eval_every": 1},
+    "p4d": {"steps": 2, "batch_size": 2, "bank": 4, "eval_every": 0},
+    "inversion": {"steps": 2, "batch_size": 2, "images": 2},
+    "relearning": {"checkpoints": (1, 2), "batch_size": 2, "images": 2, "lr": 1e-2},
+}
+
+
+def context(pipe, edit, **kwargs):
+    return AttackContext(pipe, edit, brightness_judge, red_selector, steps=STEPS, **kwargs)
+
+
+def close(a, b):
+    return np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_completion_with_k_zero_is_the_edited_generation_and_k_n_the_base_generation():
+    pipe = tiny()
+    edit = tiny_edit(pipe, scale=0.5)
+    ctx = context(pipe, edit)
+    prompts, seeds = ["a picture of pip", "pip"], [3, 4]
+    k0, kn = complete(ctx, prompts, seeds, [0, STEPS])
+    base = generate(pipe, prompts, seeds, steps=STEPS, progress=False)
+    with edit.applied(pipe):
+        edited = generate(pipe, prompts, seeds, steps=STEPS, progress=False)
+    assert not close(base, edited)  # the edit changes the images, so the two checks are not the same check
+    assert close(k0, edited) and close(kn, base)
+    with pytest.raises(AttackError, match="handoff"):
+        complete(ctx, prompts, seeds, [STEPS + 1])
+
+
+def test_noise_probe_with_eta_zero_is_ddim():
+    pipe = tiny()
+    ctx = context(pipe, None)
+    plain = ctx.generate("edited", ["pip"], [5])
+    assert np.array_equal(ctx.generate("edited", ["pip"], [5], eta=0.0, variance_scale=1.04), plain)
+    assert not np.array_equal(ctx.generate("edited", ["pip"], [5], eta=1.0), plain)
+    assert attacks.get_attack("noise", etas=(0.0, 1.0), variance_scales=(1.0, 1.04)).config.grid() == [
+        (0.0, 1.0), (1.0, 1.0), (1.0, 1.04),
+    ]  # fmt: skip
+
+
+def test_inpainting_with_an_all_keep_mask_returns_the_base_images_vae_round_trip():
+    pipe = tiny()
+    ctx = context(pipe, tiny_edit(pipe))
+    rows = evaluation_rows(CONCEPT)
+    base = ctx.base_images(rows)
+    keep = torch.zeros(1, 1, 32, 32)
+    filled = inpaint(ctx, "edited", [r.prompt for r in rows], [r.evaluation_seed for r in rows], base, keep)
+    from erasure.attacks.sampler import decode
+    from erasure.sampling import images_to_latents
+
+    round_trip = decode(pipe, images_to_latents(pipe, base, sample=False))
+    assert np.array_equal(filled, round_trip)
+    mask = centre_mask(32, 32, 0.5)
+    assert mask.sum() == 256 and mask[0, 0, 8:24, 8:24].all()
+
+
+def test_inversion_round_trips_through_load_textual_inversion(tmp_path):
+    pipe = tiny()
+    before_unet, before_text = unet_fingerprint(pipe), fingerprint(dict(pipe.text_encoder.named_parameters()))
+    vocabulary = len(pipe.tokenizer)
+    ctx = context(pipe, tiny_edit(pipe))
+    result = attacks.get_attack("inversion", **TINY["inversion"]).run(ctx, CONCEPT)
+    assert len(result.notes["losses"]) == 2 and result.prompts[0].prompt == "an image of <concept>"
+    assert len(pipe.tokenizer) == vocabulary  # the token is gone again, and every tensor is as it was
+    assert unet_fingerprint(pipe) == before_unet
+    assert fingerprint(dict(pipe.text_encoder.named_parameters())) == before_text
+    from erasure.attacks.embedding import save_learned_embeds, token_embedding
+
+    vector = result.embeddings["<concept>"]
+    path = save_learned_embeds(tmp_path / "learned_embeds.safetensors", "<concept>", vector)
+    pipe.load_textual_inversion(str(path), token="<pip-token>")
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<pip-token>")
+    table = token_embedding(pipe.text_encoder).weight
+    assert torch.equal(table[token_id], vector.to(table))
+    assert torch.equal(table[:vocabulary], token_embedding(tiny().text_encoder).weight)
+    assert unet_fingerprint(pipe) == before_unet
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_registered_attack_runs_judges_its_rows_and_restores_the_pipeline(name):
+    if name not in attacks.ATTACKS:
+        pytest.skip(f"{name} is not registered")
+    pipe = tiny()
+    before = unet_fingerprint(pipe)
+    ctx = context(pipe, tiny_edit(pipe))
+    result = attacks.get_attack(name, **TINY[name]).run(ctx, CONCEPT)
+    rows = evaluation_rows(CONCEPT)
+    assert result.attack == name and len(result.hits) == len(rows) == len(result.images)
+    assert all(isinstance(hit, bool) for hit in result.hits)
+    assert result.cost["unet_forwards"] > 0 and result.cost["seconds"] > 0
+    assert sum(r["selected"] and r["model"] == "edited" for r in result.records) == len(rows)
+    if TINY[name].get("control"):
+        assert result.base_hits is not None and len(result.base_hits) == len(rows)
+    for row in result.prompts:
+        assert row.extra["attack"] == name
+    assert unet_fingerprint(pipe) == before and ctx.state == "base"

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+from erasure.attacks.verdict import asr, attack_metrics, decide, gap_closed, rate_interval
+
+
+def flags(n_true, n):
+    return [True] * n_true + [False] * (n - n_true)
+
+
+def table(base, edited, attacks, n=40, reference=None):
+    """Hand-made columns: counts of true flags out of n, aligned image by image."""
+    columns = {"base": flags(base, n), "edited": flags(edited, n)}
+    entries = {}
+    for name, (surface, count) in attacks.items():
+        ref = None if reference is None or name not in reference else flags(reference[name], n)
+        metrics = attack_metrics(columns["base"], columns["edited"], flags(count, n), reference_attacked=ref)
+        entries[name] = {"surface": surface, "metrics": metrics}
+    return columns, entries
+
+
+def test_rate_interval_is_a_seeded_percentile_bootstrap():
+    hits = flags(12, 40)
+    first, second = rate_interval(hits), rate_interval(hits)
+    assert first == second and first["rate"] == 0.3 and first["n"] == 40
+    draws = np.random.default_rng(0).integers(40, size=(2000, 40))
+    low, high = np.quantile(np.asarray(hits, float)[draws].mean(-1), [0.025, 0.975])
+    assert (first["low"], first["high"]) == (pytest.approx(low), pytest.approx(high))
+    assert rate_interval([])["rate"] is None
+
+
+def test_gap_closed_on_hand_made_rates():
+    base, edited = flags(40, 40), flags(0, 40)
+    assert gap_closed(base, edited, flags(20, 40))["value"] == pytest.approx(0.5)
+    assert gap_closed(base, edited, flags(40, 40))["value"] == 1.0
+    assert gap_closed(base, flags(10, 40), flags(5, 40))["value"] == 0.0  # below the edited rate: clipped
+    # the probe-matched ceiling: the same attack on the base raises r*_base
+    assert gap_closed(flags(20, 40), edited, flags(20, 40), flags(40, 40))["value"] == pytest.approx(0.5)
+    assert gap_closed(flags(5, 40), flags(5, 40), flags(30, 40))["value"] is None  # nothing was erased
+    interval = gap_closed(base, edited, flags(20, 40))
+    assert interval["low"] < 0.5 < interval["high"]
+    with pytest.raises(ValueError, match="one flag per image"):
+        gap_closed(base, edited, flags(1, 3))
+
+
+def test_asr_in_both_denominators():
+    prompts = ["a", "a", "b", "b", "c", "c"]
+    base = [True, False, True, True, False, False]
+    edited = [False, False, False, True, False, False]
+    attacked = [True, False, False, False, True, False]
+    result = asr(prompts, base, edited, attacked)
+    assert result["pre_asr"] == pytest.approx(1 / 3)  # b succeeds already
+    assert result["asr"] == 1.0  # a by the attack, b before it, c by the attack
+    assert result["ideal_prompts"] == 1 and result["conditional_asr"] == 1.0  # only a: base yes, edited no
+
+
+def test_verdict_not_erased_when_plain_prompts_still_work():
+    columns, attacks = table(40, 36, {"noise": ("trajectory", 40)})
+    verdict = decide(columns, attacks)
+    assert verdict["verdict"] == "not erased" and "plain prompts" in verdict["reason"]
+
+
+def test_verdict_not_erased_when_paraphrases_close_the_gap():
+    columns, attacks = table(40, 0, {"paraphrase": ("text", 38)})
+    assert decide(columns, attacks)["verdict"] == "not erased"
+
+
+def test_verdict_suppressed_lists_the_surfaces_that_reach_it():
+    columns, attacks = table(
+        40, 0, {"paraphrase": ("text", 0), "noise": ("trajectory", 30), "inversion": ("embedding", 35)}
+    )
+    verdict = decide(columns, attacks)
+    assert verdict["verdict"] == "suppressed"
+    assert verdict["surfaces"] == ["embedding", "trajectory"]
+    assert verdict["attacks"]["noise"]["state"] == "recovers" and verdict["attacks"]["paraphrase"]["state"] == "holds"
+
+
+def test_verdict_removed_with_and_without_a_reference():
+    columns, attacks = table(40, 0, {"paraphrase": ("text", 0), "noise": ("trajectory", 1)})
+    verdict = decide(columns, attacks)
+    assert verdict["verdict"] == "removed" and verdict["caveats"]
+    # inversion brings it back on the edit, but just as well on a model that never learned it: removed
+    columns, attacks = table(
+        40, 0, {"noise": ("trajectory", 0), "inversion": ("embedding", 30)}, reference={"inversion": 32}
+    )
+    verdict = decide(columns, attacks, reference=True)
+    assert verdict["verdict"] == "removed" and not verdict["caveats"]
+    assert verdict["attacks"]["inversion"]["state"] == "holds"
+    # ... and far better than on the reference: suppressed
+    columns, attacks = table(40, 0, {"inversion": ("embedding", 30)}, reference={"inversion": 2})
+    assert decide(columns, attacks, reference=True)["verdict"] == "suppressed"
+
+
+def test_verdict_inconclusive_branches():
+    columns, attacks = table(4, 0, {"noise": ("trajectory", 2)}, n=6)
+    assert "only 6 images" in decide(columns, attacks)["reason"]
+    columns, attacks = table(1, 0, {"noise": ("trajectory", 1)}, n=40)
+    assert "nothing measurable" in decide(columns, attacks)["reason"]
+    columns, attacks = table(10, 0, {"noise": ("trajectory", 2)}, n=10)  # wide: neither recovers nor holds
+    verdict = decide(columns, attacks)
+    assert verdict["verdict"] == "inconclusive" and "too wide" in verdict["reason"]
+    columns, _ = table(40, 0, {})
+    assert decide(columns, {})["verdict"] == "inconclusive"
