@@ -138,7 +138,7 @@ def grid_rows(concept: str | Path | None = None, prompts: str | Path | None = No
         return rows_from_request(request)
     except ValueError:  # no held-out prompts: show the prompts the method saw
         listed = [(p, "erased") for p in request.erase_prompts] + [(p, "preserved") for p in request.preserve_prompts]
-        return [PromptRow(i, prompt, 0, type=kind) for i, (prompt, kind) in enumerate(listed)]
+        return [PromptRow(i, prompt, 0, row_type=kind) for i, (prompt, kind) in enumerate(listed)]
 
 
 @dataclass(frozen=True)

@@ -119,16 +119,16 @@ def run_demo(
     # Grid: base against the full-strength edit, same seed per row; two seeds of every distinct held-out prompt.
     chosen, seen = [], {}
     for group in ("erased", "generality", "preserved"):
-        for row in (r for r in rows if r.type == group):
+        for row in (r for r in rows if r.row_type == group):
             if seen.get(row.prompt, 0) < 2:
                 seen[row.prompt] = seen.get(row.prompt, 0) + 1
                 chosen.append(row)
     prompts, seeds = [row.prompt for row in chosen], [row.evaluation_seed for row in chosen]
     columns = _evaluated_columns(paths["evaluation"], chosen, {None: "base", 1.0: f"{method} (scale 1)"})
-    grid = comparison_grid(columns, prompts, [row.type for row in chosen], seeds,
+    grid = comparison_grid(columns, prompts, [row.row_type for row in chosen], seeds,
                            title=f"erase {request.concepts[0].name} with {method}")  # fmt: skip
     manifest = {"model": str(model), "edit": str(paths["edit"]), "prompts": prompts, "seeds": seeds,
-                "groups": [row.type for row in chosen], "steps": steps, "guidance": guidance_scale}  # fmt: skip
+                "groups": [row.row_type for row in chosen], "steps": steps, "guidance": guidance_scale}  # fmt: skip
     paths["grid"] = save_grid(grid, out / "grid.png", manifest)
     shutil.copy(paths["grid"], paths["evaluation"] / "grid.png")
 

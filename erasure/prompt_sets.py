@@ -98,7 +98,8 @@ class PromptRow:
         prompt: The prompt.
         evaluation_seed: Seed of the row's first image; image ``i`` of the row uses ``evaluation_seed + i``.
         concept: The class the image should show (zero-shot target), ``""`` when unknown.
-        type: Free-form row type (``erased``, ``preserved``, ``generality``, UCE's ``holdout``, MACE's ``others``).
+        row_type: Free-form row type, the CSV's ``type`` column (``erased``, ``preserved``, ``generality``, UCE's
+            ``holdout``, MACE's ``others``).
         classes: Candidate classes of the row's zero-shot judgement (include ``concept``); empty: decided by the
             evaluator from the whole set.
         extra: Every other column, unchanged (strings), in file order.
@@ -108,7 +109,7 @@ class PromptRow:
     prompt: str
     evaluation_seed: int
     concept: str = ""
-    type: str = ""
+    row_type: str = ""
     classes: tuple[str, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -119,7 +120,7 @@ class PromptRow:
     @property
     def role(self) -> str:
         """Metric role of the row (see :func:`role_of`)."""
-        return role_of(self.type)
+        return role_of(self.row_type)
 
     @property
     def anchor(self) -> str:
@@ -230,7 +231,7 @@ def load_prompt_csv(path: str | Path) -> list[PromptRow]:
                     prompt=cell("prompt"),
                     evaluation_seed=_integer(cell("evaluation_seed"), "evaluation_seed", path, line),
                     concept=cell(concept_column).strip(),
-                    type=cell("type").strip(),
+                    row_type=cell("type").strip(),
                     classes=classes,
                     extra={name: values[i] for i, name in extra_columns},
                 )
@@ -256,7 +257,8 @@ def save_prompt_csv(rows: Sequence[PromptRow], path: str | Path) -> Path:
         The path written.
     """
     path = Path(path)
-    optional = [name for name in ("concept", "type") if any(getattr(row, name) for row in rows)]
+    columns = {"concept": "concept", "type": "row_type"}  # CSV column -> PromptRow field
+    optional = [name for name, attribute in columns.items() if any(getattr(row, attribute) for row in rows)]
     if any(row.classes for row in rows):
         optional.append("classes")
     extra = list(dict.fromkeys(key for row in rows for key in row.extra))
@@ -269,7 +271,7 @@ def save_prompt_csv(rows: Sequence[PromptRow], path: str | Path) -> Path:
     for row in rows:
         values: dict[str, Any] = {
             "concept": row.concept,
-            "type": row.type,
+            "type": row.row_type,
             "classes": CLASS_SEPARATOR.join(row.classes),
         }
         writer.writerow(
@@ -356,7 +358,7 @@ def rows_from_request(
                         prompt=prompt,
                         evaluation_seed=base_seed + j,
                         concept=true_class,
-                        type=type_,
+                        row_type=type_,
                         classes=classes,
                         extra={"anchor": anchor if type_ != "preserved" else "", "erased_concept": concept.name},
                     )
@@ -386,7 +388,7 @@ def rows_as_dicts(rows: Sequence[PromptRow]) -> list[Mapping[str, Any]]:
             "prompt": r.prompt,
             "evaluation_seed": r.evaluation_seed,
             "concept": r.concept,
-            "type": r.type,
+            "type": r.row_type,
             "classes": list(r.classes),
             "extra": dict(r.extra),
         }

@@ -46,7 +46,7 @@ def seeds_per_prompt(toml: Path) -> int:
     if "toyworld" not in toml.parts:
         return SD_SEEDS_PER_PROMPT
     rows = rows_from_request(load_concepts(toml), seeds_per_prompt=1)
-    erased = sum(row.type == "erased" for row in rows)
+    erased = sum(row.row_type == "erased" for row in rows)
     return max(2, math.ceil(TOY_MIN_ERASED_IMAGES / max(erased, 1)))
 
 

@@ -144,7 +144,7 @@ def test_save_grid_writes_png_and_manifest_atomically(tmp_path, columns):
 
 def test_select_rows_takes_distinct_prompts_per_group():
     table = [("a", "erased"), ("a", "erased"), ("b", "erased"), ("c", "erased"), ("d", "preserved"), ("e", "holdout")]
-    rows = [PromptRow(i, prompt, i, type=kind) for i, (prompt, kind) in enumerate(table)]
+    rows = [PromptRow(i, prompt, i, row_type=kind) for i, (prompt, kind) in enumerate(table)]
     assert [r.case_number for r in select_rows(rows, per_group=2)] == [0, 2, 4, 5]
     assert [r.case_number for r in select_rows(rows, per_group=None)] == [0, 2, 3, 4, 5]
 

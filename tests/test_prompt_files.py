@@ -49,8 +49,8 @@ def test_concept_file_parses_and_keeps_held_out_prompts_apart(path):
 def test_csv_parses_with_seeds_and_types(path):
     rows = load_prompt_csv(path)
     assert [r.case_number for r in rows] == list(range(len(rows)))
-    assert {r.type for r in rows} <= {"erased", "generality", "preserved"}
-    assert {"erased", "preserved"} <= {r.type for r in rows}
+    assert {r.row_type for r in rows} <= {"erased", "generality", "preserved"}
+    assert {"erased", "preserved"} <= {r.row_type for r in rows}
     seeds = defaultdict(list)
     for row in rows:
         assert row.prompt and row.concept
@@ -72,7 +72,7 @@ def test_csv_is_the_one_its_concept_file_generates(path):
     (k,) = copies
 
     def key(row):
-        return row.prompt, row.type, row.concept, row.classes, row.extra.get("erased_concept")
+        return row.prompt, row.row_type, row.concept, row.classes, row.extra.get("erased_concept")
 
     assert [key(r) for r in rows] == [key(r) for r in expected for _ in range(k)], (
         f"{path.with_suffix('.csv').name} is out of date: run python scripts/make_prompt_csvs.py"
@@ -99,7 +99,7 @@ def test_real_sd_sets_cover_characters_styles_objects_and_nudity():
 @pytest.mark.parametrize("folder", ["characters", "styles", "objects", "unsafe"])
 def test_real_sd_csvs_have_erased_generality_and_preserved_rows(folder):
     for path in sorted((PROMPTS / "sd" / folder).glob("*.csv")):
-        types = Counter(row.type for row in load_prompt_csv(path))
+        types = Counter(row.row_type for row in load_prompt_csv(path))
         assert types["erased"] and types["generality"] and types["preserved"], path.name
 
 
@@ -107,6 +107,6 @@ def test_toyworld_csvs_use_the_held_out_prompts_as_erased_and_preserved():
     for name in ("pip", "striped", "triangle", "red"):
         (concept,) = load_concepts(PROMPTS / "toyworld" / f"{name}.toml").concepts
         rows = load_prompt_csv(PROMPTS / "toyworld" / f"{name}.csv")
-        assert {r.prompt for r in rows if r.type == "erased"} == set(concept.evaluate)
-        assert {r.prompt for r in rows if r.type == "preserved"} == set(concept.evaluate_preserve)
-        assert sum(r.type == "erased" for r in rows) >= 32
+        assert {r.prompt for r in rows if r.row_type == "erased"} == set(concept.evaluate)
+        assert {r.prompt for r in rows if r.row_type == "preserved"} == set(concept.evaluate_preserve)
+        assert sum(r.row_type == "erased" for r in rows) >= 32

@@ -154,9 +154,9 @@ def test_rows_from_request_types_classes_and_seeds():
     assert [r.case_number for r in rows] == list(range(10))
     assert [r.evaluation_seed for r in rows[:4]] == [10, 11, 10, 11]
     by_prompt = {r.prompt: r for r in rows}
-    assert by_prompt["a drawing of Pip"].type == "erased"
-    assert by_prompt["a yellow circle with a face"].type == "generality"  # does not name Pip: held-out phrasing
-    assert by_prompt["a drawing of Zog"].type == "preserved" and by_prompt["a drawing of Zog"].concept == "Zog"
+    assert by_prompt["a drawing of Pip"].row_type == "erased"
+    assert by_prompt["a yellow circle with a face"].row_type == "generality"  # does not name Pip: held-out phrasing
+    assert by_prompt["a drawing of Zog"].row_type == "preserved" and by_prompt["a drawing of Zog"].concept == "Zog"
     assert by_prompt["an image of a yellow circle"].concept == "a yellow circle"
     assert by_prompt["a red square"].concept == "a red square"  # mentions no class: it is its own class
     classes = rows[0].classes

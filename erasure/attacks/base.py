@@ -276,7 +276,7 @@ def evaluation_rows(concept: Concept, images_per_prompt: int = 1, base_seed: int
     if images_per_prompt < 1:
         raise AttackError(f"images_per_prompt must be at least 1, got {images_per_prompt}.")
     rows = rows_from_request(EraseRequest((concept,)), images_per_prompt, base_seed)
-    return [row for row in rows if row.type in ("erased", "generality")]
+    return [row for row in rows if row.row_type in ("erased", "generality")]
 
 
 def replace_words(prompt: str, words: Sequence[str], replacement: str) -> str:

@@ -140,7 +140,7 @@ class ConceptInversion(Attack):
             for r, p, s, h in zip(rows, prompts, scores, hits, strict=True)
         ]  # fmt: skip
         prompt_rows = [
-            PromptRow(r.case_number, p, r.evaluation_seed, r.concept, r.type, r.classes, {"attack": self.name})
+            PromptRow(r.case_number, p, r.evaluation_seed, r.concept, r.row_type, r.classes, {"attack": self.name})
             for r, p in zip(rows, prompts, strict=True)
         ]
         return self.result(

@@ -92,7 +92,7 @@ class Paraphrase(Attack):
         best = [next(r for r in records if r["case_number"] == row.case_number and r["selected"]) for row in rows]
         prompts = [
             PromptRow(
-                row.case_number, b["prompt"], b["seed"], row.concept, row.type, row.classes, {"attack": self.name}
+                row.case_number, b["prompt"], b["seed"], row.concept, row.row_type, row.classes, {"attack": self.name}
             )
             for row, b in zip(rows, best, strict=True)
         ]

@@ -223,7 +223,7 @@ def _write(
         (temporary / "verdict.json").write_text(json.dumps(_json(verdict), indent=2) + "\n", encoding="utf-8")
         if prompt_rows:
             renumbered = [
-                type(row)(i, row.prompt, row.evaluation_seed, row.concept, row.type, row.classes, row.extra)
+                type(row)(i, row.prompt, row.evaluation_seed, row.concept, row.row_type, row.classes, row.extra)
                 for i, row in enumerate(prompt_rows)
             ]  # case numbers must be unique in one file; the original is kept as the "case" column
             for row, original in zip(renumbered, prompt_rows, strict=True):

@@ -92,7 +92,7 @@ class UnlearnDiffAtk(Attack):
             weight_decay=config.weight_decay, eval_every=config.eval_every, generator=generator,
         )  # fmt: skip
         prompts = [
-            PromptRow(r.case_number, text, r.evaluation_seed, r.concept, r.type, r.classes, {"attack": self.name})
+            PromptRow(r.case_number, text, r.evaluation_seed, r.concept, r.row_type, r.classes, {"attack": self.name})
             for r, text in zip(rows, found["prompts"], strict=True)
         ]
         notes = {"token_ids": found["token_ids"], "losses": found["losses"], "evaluations": found["evaluations"]}

@@ -278,7 +278,7 @@ def _rows_from_manifest(records: Sequence[Any], folder: Path) -> list[PromptRow]
                 prompt=str(info["prompt"]),
                 evaluation_seed=int(row.get("evaluation_seed", info.get("seed", 0)) or 0),
                 concept=str(row.get("concept", "")),
-                type=str(row.get("type", "")),
+                row_type=str(row.get("type", "")),
                 classes=tuple(row.get("classes", ())),
                 extra={str(k): str(v) for k, v in (row.get("extra") or {}).items()},
             ),

@@ -357,7 +357,7 @@ def write_results(
                     "seed": job.seed,
                     "prompt": job.row.prompt,
                     "concept": job.row.concept,
-                    "type": job.row.type,
+                    "type": job.row.row_type,
                     "role": job.row.role,
                     "image": image_of[job.index],
                     **scores,

@@ -38,11 +38,11 @@ def test_two_processes_merge_to_the_single_process_result(tmp_path):
     model = save_tiny_pipeline(tmp_path / "sd", "sd1")
     clip = save_tiny_clip(tmp_path / "clip")
     rows = [
-        PromptRow(0, "a drawing of Pip", 1, concept="Pip", type="erased", extra={"anchor": "a photo"}),
-        PromptRow(1, "a picture of Pip", 2, concept="Pip", type="erased", extra={"anchor": "a photo"}),
-        PromptRow(2, "a drawing of Zog", 3, concept="Zog", type="preserved", extra={"anchor": ""}),
-        PromptRow(3, "a red square", 4, concept="a red square", type="preserved", extra={"anchor": ""}),
-        PromptRow(7, "a cat", 5, type="", extra={"anchor": ""}),
+        PromptRow(0, "a drawing of Pip", 1, concept="Pip", row_type="erased", extra={"anchor": "a photo"}),
+        PromptRow(1, "a picture of Pip", 2, concept="Pip", row_type="erased", extra={"anchor": "a photo"}),
+        PromptRow(2, "a drawing of Zog", 3, concept="Zog", row_type="preserved", extra={"anchor": ""}),
+        PromptRow(3, "a red square", 4, concept="a red square", row_type="preserved", extra={"anchor": ""}),
+        PromptRow(7, "a cat", 5, row_type="", extra={"anchor": ""}),
     ]
     prompts = save_prompt_csv(rows, tmp_path / "prompts.csv")
     pipe = tiny_pipeline("sd1")

@@ -143,11 +143,11 @@ def test_the_oracle_judges_targets_and_prompts_of_toy_rows():
                        render("Zog"), render("Pip")])  # fmt: skip
     extra = {"erased_concept": "Pip"}
     rows = [
-        PromptRow(0, "an image of Pip", 0, concept="Pip", type="erased", extra=extra),
-        PromptRow(1, "an image of Pip", 0, concept="Pip", type="erased", extra=extra),
-        PromptRow(2, "a drawing of a red circle", 0, concept="a red circle", type="preserved", extra=extra),
-        PromptRow(3, "an image of Zog", 0, concept="Zog", type="preserved", extra=extra),
-        PromptRow(4, "a photo of a cat", 0, concept="cat", type="preserved"),
+        PromptRow(0, "an image of Pip", 0, concept="Pip", row_type="erased", extra=extra),
+        PromptRow(1, "an image of Pip", 0, concept="Pip", row_type="erased", extra=extra),
+        PromptRow(2, "a drawing of a red circle", 0, concept="a red circle", row_type="preserved", extra=extra),
+        PromptRow(3, "an image of Zog", 0, concept="Zog", row_type="preserved", extra=extra),
+        PromptRow(4, "a photo of a cat", 0, concept="cat", row_type="preserved"),
     ]
     verdicts = judge.judge(images, rows)
     assert [v.shows_target for v in verdicts[:4]] == [True, False, False, False]

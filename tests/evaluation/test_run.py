@@ -23,9 +23,9 @@ def attn2_keys(unet):
 
 
 ROWS = [
-    PromptRow(0, "a drawing of Pip", 11, concept="Pip", type="erased", extra={"anchor": "a photo"}),
-    PromptRow(1, "a picture of Pip", 12, concept="Pip", type="erased", extra={"anchor": "a photo"}),
-    PromptRow(4, "a drawing of Zog", 13, concept="Zog", type="preserved", extra={"anchor": ""}),
+    PromptRow(0, "a drawing of Pip", 11, concept="Pip", row_type="erased", extra={"anchor": "a photo"}),
+    PromptRow(1, "a picture of Pip", 12, concept="Pip", row_type="erased", extra={"anchor": "a photo"}),
+    PromptRow(4, "a drawing of Zog", 13, concept="Zog", row_type="preserved", extra={"anchor": ""}),
 ]
 
 
@@ -120,9 +120,9 @@ def test_rows_evaluation_guidance_is_used_unless_guidance_is_given(assets, tmp_p
     from erasure.pipeline import load_pipeline
 
     rows = [  # ESD's prompt files carry a per-row guidance scale
-        PromptRow(0, "a drawing of Pip", 11, concept="Pip", type="erased", extra={"evaluation_guidance": "2.0"}),
-        PromptRow(1, "a drawing of Zog", 12, concept="Zog", type="preserved", extra={"evaluation_guidance": "9"}),
-        PromptRow(2, "a picture of Pip", 13, concept="Pip", type="erased", extra={"evaluation_guidance": "2.0"}),
+        PromptRow(0, "a drawing of Pip", 11, concept="Pip", row_type="erased", extra={"evaluation_guidance": "2.0"}),
+        PromptRow(1, "a drawing of Zog", 12, concept="Zog", row_type="preserved", extra={"evaluation_guidance": "9"}),
+        PromptRow(2, "a picture of Pip", 13, concept="Pip", row_type="erased", extra={"evaluation_guidance": "2.0"}),
     ]
     prompts = save_prompt_csv(rows, tmp_path / "guided.csv")
     argv = [*evaluate_args(assets, tmp_path / "rows", "--model", str(assets["model"])), "--prompts", str(prompts)]

@@ -12,9 +12,9 @@ from erasure.prompt_sets import PromptRow, save_prompt_csv
 from erasure.testing import save_tiny_pipeline, tiny_pipeline
 
 ROWS = [
-    PromptRow(0, "a drawing of Pip", 11, concept="Pip", type="erased", extra={"anchor": "a photo"}),
-    PromptRow(1, "a picture of Pip", 12, concept="Pip", type="erased", extra={"anchor": "a photo"}),
-    PromptRow(4, "a drawing of Zog", 13, concept="Zog", type="preserved", extra={"anchor": ""}),
+    PromptRow(0, "a drawing of Pip", 11, concept="Pip", row_type="erased", extra={"anchor": "a photo"}),
+    PromptRow(1, "a picture of Pip", 12, concept="Pip", row_type="erased", extra={"anchor": "a photo"}),
+    PromptRow(4, "a drawing of Zog", 13, concept="Zog", row_type="preserved", extra={"anchor": ""}),
 ]
 SETTINGS = {"steps": 2, "height": 32, "width": 32, "device": "cpu", "batch_size": 4, "progress": False}
 
