@@ -51,7 +51,7 @@ import torch
 from erasure.concepts import Concept, EraseRequest, load_concepts
 from erasure.evaluation.functional import bootstrap_interval as rate_interval
 from erasure.evaluation.functional import paired_ratio_interval as ratio_interval
-from erasure.generate import generate
+from erasure.generate import generate_paired
 from erasure.methods import get_method
 from erasure.toyworld.judge import prompt_expectation, prompt_subject, shows, target_attribute, verdict_label
 
@@ -198,12 +198,21 @@ def concept_cases(concept: Concept, args: argparse.Namespace) -> tuple[list[str]
     return prompts, seeds, len(concept.evaluate) * per_prompt["target"], per_prompt
 
 
-def make_images(pipe: Any, prompts: list[str], seeds: list[int], args: argparse.Namespace) -> np.ndarray:
-    """Images of ``prompts`` with their seeds (one generator per image), at the measurement's settings."""
-    return generate(
-        pipe, prompts, seeds, steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size,
-        height=args.size, width=args.size, progress=args.progress,
-    )  # fmt: skip
+def make_images(
+    pipe: Any, prompts: list[str], seeds: list[int], args: argparse.Namespace, edit: Any = None
+) -> np.ndarray:
+    """Images of ``prompts`` with their seeds, of the base model or (with ``edit``) the edited one.
+
+    Through the library's one base-vs-edited path (:func:`erasure.generate.generate_paired`: the edit is applied,
+    then reverted).
+    """
+    models = {} if edit is None else {"edited": edit}
+    (images,) = generate_paired(
+        pipe, models, prompts, seeds, base_label="base" if edit is None else None, steps=args.steps,
+        guidance_scale=args.guidance, batch_size=args.batch_size, height=args.size, width=args.size,
+        progress=args.progress,
+    ).values()  # fmt: skip
+    return images
 
 
 def base_images(pipe: Any, prompts: list[str], seeds: list[int], args: argparse.Namespace) -> np.ndarray:
@@ -285,13 +294,9 @@ def measure_method(
     finally:
         hook.remove()
     erase_seconds = time.monotonic() - started
-    edit.apply_to(pipe)
-    try:
-        started = time.monotonic()
-        images = make_images(pipe, prompts, seeds, args)
-        generate_seconds = time.monotonic() - started
-    finally:
-        edit.revert(pipe)
+    started = time.monotonic()
+    images = make_images(pipe, prompts, seeds, args, edit=edit)
+    generate_seconds = time.monotonic() - started
     verdicts = judge_all(*judges, images)
     target = target_attribute(concept)
     result = {
