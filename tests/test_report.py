@@ -61,6 +61,7 @@ def save_tiny_clip(folder: Path) -> Path:
 def write_model_images(folder: Path, colour) -> None:
     images = np.zeros((len(ROWS), 64, 64, 3), np.uint8)
     images[:] = colour
+    images[:, :8, :8] = 255 - np.asarray(colour, np.uint8)  # a mark: one flat colour is a degenerate image
     classes = ["Pip", "Zog", "Miro"]
     records = [
         {

@@ -167,12 +167,24 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(path: Path) -> None:
+    """One line per model: each rate with its image count and 95% interval, then the continuous scores."""
     import json
 
     document = json.loads(path.read_text(encoding="utf-8"))
-    columns = ("clip_score", "efficacy", "specificity", "generality", "harmonic_mean", "paired_preservation", "cmmd")
+    rates = ("efficacy", "specificity", "generality")
+    scores = ("clip_score", "paired_preservation", "cmmd")
     width = max(len(label) for label in document["metrics"]) + 2
-    print("model".ljust(width) + "".join(name.rjust(21) for name in columns))
+    print("model".ljust(width) + "".join(name.rjust(27) for name in rates) + "".join(n.rjust(20) for n in scores))
     for label, metrics in document["metrics"].items():
-        cells = ("-" if metrics.get(n) is None else f"{metrics[n]:.4g}" for n in columns)
-        print(label.ljust(width) + "".join(cell.rjust(21) for cell in cells))
+        cells = []
+        for name in rates:
+            value, low, high = metrics.get(name), metrics.get(f"{name}_ci95_low"), metrics.get(f"{name}_ci95_high")
+            interval = f" [{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
+            cells.append("-" if value is None else f"{value:.2f}{interval} n={metrics.get(f'{name}_n', 0)}")
+        cells += ["-" if metrics.get(n) is None else f"{metrics[n]:.4g}" for n in scores]
+        line = label.ljust(width) + "".join(c.rjust(27) for c in cells[:3]) + "".join(c.rjust(20) for c in cells[3:])
+        if metrics.get("n_degenerate"):
+            line += f"  ({metrics['n_degenerate']} blank/constant images not scored)"
+        print(line)
+    print("efficacy, generality: share of target images no longer classified as the target (higher is better); "
+          "specificity: neighbours still classified as themselves (higher is better).")  # fmt: skip

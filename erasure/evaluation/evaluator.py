@@ -13,7 +13,8 @@ embeddings averaged and renormalised. Rows built from a concept file
 neighbours. Rows without a concept get no zero-shot verdict.
 
 Metric names of :meth:`Evaluator.compute`: ``n_images``, ``clip_score`` and ``clip_score_<role>``,
-``zero_shot_top1``, ``zero_shot_target_prob``, ``efficacy``, ``generality``, ``specificity``, ``harmonic_mean``,
+``zero_shot_top1``, ``zero_shot_target_prob``, ``efficacy``, ``generality``, ``specificity`` (each with ``_n``, its
+image count, and ``_ci95_low`` / ``_ci95_high``, a percentile-bootstrap interval), ``harmonic_mean``,
 ``target_vs_anchor``, ``paired_preservation`` and ``paired_preservation_<role>``, ``cmmd`` and ``cmmd_<role>``,
 with the roles of :data:`erasure.prompt_sets.ROLES`; ``None`` where a metric has no images to stand on.
 """
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from erasure.evaluation.clip import DEFAULT_TEMPLATES
 from erasure.evaluation.functional import (
+    bootstrap_interval,
     clip_score,
     cmmd,
     efficacy,
@@ -302,6 +304,15 @@ class Evaluator:
         metrics["efficacy"] = efficacy(flags("erased"))
         metrics["generality"] = generality(flags("generality"))
         metrics["specificity"] = specificity(flags("preserved"))
+        for name, role, good in (
+            ("efficacy", "erased", 0),
+            ("generality", "generality", 0),
+            ("specificity", "preserved", 1),
+        ):
+            hits = [bool(int(flag) == good) for flag in flags(role).tolist()]  # images counted in the rate's favour
+            interval = bootstrap_interval(hits)
+            metrics[f"{name}_n"] = len(hits)
+            metrics[f"{name}_ci95_low"], metrics[f"{name}_ci95_high"] = interval if interval else (None, None)
         metrics["harmonic_mean"] = harmonic_mean([metrics["efficacy"], metrics["specificity"], metrics["generality"]])
         metrics["target_vs_anchor"] = mean(per["target_vs_anchor"]) if n else None  # type: ignore[arg-type]
         metrics["paired_preservation"] = mean(per["paired_cosine"]) if n else None  # type: ignore[arg-type]

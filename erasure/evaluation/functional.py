@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -332,3 +332,22 @@ def paired_ratio_interval(
         return None
     low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
+
+
+#: An image whose pixel values span at most this many uint8 levels is blank or constant: what a model whose
+#: weights hold NaN (decoded to black) or that has collapsed draws. Such an image says nothing about a concept, so
+#: it is flagged and left out of every metric instead of being scored as "the concept is gone".
+DEGENERATE_RANGE = 2
+
+
+def degenerate_images(images: Any) -> list[bool]:
+    """Whether each uint8 image ``(N, H, W, C)`` is blank or one flat colour.
+
+    Flat: every channel's values span at most ``DEGENERATE_RANGE`` levels.
+    """
+    array = np.asarray(images)
+    if array.ndim != 4 or len(array) == 0:
+        return [False] * len(array)
+    pixels = array.reshape(len(array), -1, array.shape[-1]).astype(np.int16)
+    spread = (pixels.max(axis=1) - pixels.min(axis=1)).max(axis=1)  # the widest channel of each image
+    return [bool(x) for x in spread <= DEGENERATE_RANGE]

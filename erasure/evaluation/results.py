@@ -34,7 +34,8 @@ and, with a judge, those of :func:`erasure.evaluation.judges.judge_metrics` (``o
 One row per (model, image), models in ``metrics.json`` order, images in prompt-set order. Columns
 (:data:`PER_IMAGE_COLUMNS`): ``model, case_number, sample_index, seed, prompt, concept, type, role, image``
 (path relative to the output folder, or absolute for scored folders elsewhere), ``clip_score, predicted, correct,
-target_prob, target_vs_anchor, paired_cosine`` (empty where undefined; booleans as 0/1), then provenance repeated
+target_prob, target_vs_anchor, paired_cosine, degenerate`` (empty where undefined; booleans as 0/1; a degenerate image,
+blank or constant, is listed but left out of every metric), then provenance repeated
 on every row: ``clip_model, clip_pretrained, templates`` (``|``-joined), ``steps, guidance`` (the image's own),
 ``height, width, prompts_sha256, model_source, edit_fingerprint, base_fingerprint, erasure_version, torch_version,
 diffusers_version, transformers_version, open_clip_version``. A judge's verdicts go to ``per_image_<judge>.csv``
@@ -49,6 +50,7 @@ import dataclasses
 import datetime
 import io
 import json
+import logging
 import math
 import platform
 from collections.abc import Iterable, Mapping, Sequence
@@ -88,7 +90,7 @@ SWEEP_NAME = "sweep.json"
 SWEEP_FORMAT = "erasure-sweep/1"
 PER_IMAGE_COLUMNS: tuple[str, ...] = (
     "model", "case_number", "sample_index", "seed", "prompt", "concept", "type", "role", "image",
-    "clip_score", "predicted", "correct", "target_prob", "target_vs_anchor", "paired_cosine",
+    "clip_score", "predicted", "correct", "target_prob", "target_vs_anchor", "paired_cosine", "degenerate",
     "clip_model", "clip_pretrained", "templates", "steps", "guidance", "height", "width", "prompts_sha256",
     "model_source", "edit_fingerprint", "base_fingerprint", "erasure_version", "torch_version", "diffusers_version",
     "transformers_version", "open_clip_version",
@@ -96,6 +98,8 @@ PER_IMAGE_COLUMNS: tuple[str, ...] = (
 JUDGE_COLUMNS: tuple[str, ...] = (
     "model", "case_number", "sample_index", "seed", "prompt", "role", "verdict", "shows_target", "follows_prompt",
 )  # fmt: skip
+
+logger = logging.getLogger(__name__)
 
 
 def package_versions() -> dict[str, str]:
@@ -225,6 +229,38 @@ class MetricsDocument:
 # -- the writer --------------------------------------------------------------------------------------------------
 
 
+def _accumulate(
+    evaluator: Evaluator, features: Tensor, rows: Sequence[Any], roles: Sequence[str], reference: Any
+) -> None:
+    evaluator.reset()
+    evaluator.update(
+        features,
+        [row.prompt for row in rows],
+        concepts=[row.concept for row in rows],
+        classes=[row.classes for row in rows],
+        roles=list(roles),
+        anchors=[row.anchor for row in rows],
+        reference=reference,
+    )
+
+
+def _scored_metrics(
+    evaluator: Evaluator, features: Tensor, rows: Sequence[Any], roles: Sequence[str], reference: Any, keep: list[bool]
+) -> dict[str, Any]:
+    """The evaluator's metrics over the images in ``keep`` (and their reference images)."""
+    if all(keep):
+        _accumulate(evaluator, features, rows, roles, reference)
+        return dict(evaluator.compute())
+    index = [i for i, kept in enumerate(keep) if kept]
+    if not index:  # every image degenerate: nothing to score
+        _accumulate(evaluator, features[:0], [], [], None if reference is None else reference[:0])
+        return {key: (0 if key == "n_images" else None) for key in evaluator.compute()}
+    chosen = features[index]
+    _accumulate(evaluator, chosen, [rows[i] for i in index], [roles[i] for i in index],
+                None if reference is None else reference[index])  # fmt: skip
+    return dict(evaluator.compute())
+
+
 def write_results(
     work: Path,
     plan: EvaluationPlan,
@@ -235,6 +271,7 @@ def write_results(
     verdicts: Mapping[str, Mapping[str, Sequence[Verdict]]] | None = None,
     judges: Sequence[Judge] = (),
     num_processes: int = 1,
+    degenerate: Mapping[str, Sequence[bool]] | None = None,
 ) -> MetricsDocument:
     """Score every model's embeddings and write ``metrics.json``, ``per_image.csv`` and the image manifests.
 
@@ -247,6 +284,10 @@ def write_results(
         verdicts: ``{judge name: {label: one verdict per job}}``.
         judges: The judges, for their provenance.
         num_processes: Processes the images were made by.
+        degenerate: ``{label: one flag per job}``: blank or constant images
+            (:func:`erasure.evaluation.functional.degenerate_images`). They keep their ``per_image.csv`` row
+            (``degenerate`` = 1) but are left out of every metric, with the reference's image of the same job for the
+            paired metrics; ``n_degenerate`` counts them and a warning names the model.
 
     Returns:
         The document written.
@@ -301,21 +342,30 @@ def write_results(
     )
     per_image: list[dict[str, Any]] = []
     judged: dict[str, list[dict[str, Any]]] = {name: [] for name in verdicts}
+    degenerate = degenerate or {}
+    reference_flags = list(degenerate.get(reference_label, [])) if reference_label is not None else []
     for entry in plan.entries:
-        evaluator.reset()
-        evaluator.update(
-            features[entry.label],
-            [row.prompt for row in rows],
-            concepts=[row.concept for row in rows],
-            classes=[row.classes for row in rows],
-            roles=roles_per_image,
-            anchors=[row.anchor for row in rows],
-            reference=reference,
+        flags = list(degenerate.get(entry.label, [False] * len(jobs)))
+        keep = [not (flag or (reference_flags and reference_flags[i])) for i, flag in enumerate(flags)]
+        document.metrics[entry.label] = _scored_metrics(
+            evaluator, features[entry.label], rows, roles_per_image, reference, keep
         )
-        document.metrics[entry.label] = evaluator.compute()
-        for name, by_label in verdicts.items():
+        document.metrics[entry.label]["n_degenerate"] = sum(flags)
+        if any(flags):
+            logger.warning(
+                "%s: %d of %d images are blank or constant (a broken model draws them); they are flagged in "
+                "per_image.csv and left out of every metric.",
+                entry.label,
+                sum(flags),
+                len(flags),
+            )
+        _accumulate(evaluator, features[entry.label], rows, roles_per_image, reference)
+        for name, by_label in verdicts.items():  # the judges do not score degenerate images either
             base = by_label.get(reference_label) if reference_label is not None else None
-            document.metrics[entry.label] |= judge_metrics(name, by_label[entry.label], roles_per_image, base)
+            kept = [i for i, k in enumerate(keep) if k]
+            mine = [by_label[entry.label][i] for i in kept]
+            base = None if base is None else [base[i] for i in kept]
+            document.metrics[entry.label] |= judge_metrics(name, mine, [roles_per_image[i] for i in kept], base)
         if entry.kind == "images":
             folder = Path(entry.source).resolve()
             records = entry.records or {}
@@ -348,7 +398,7 @@ def write_results(
             "edit_fingerprint": entry.info.get("edit_fingerprint", ""),
             "base_fingerprint": entry.info.get("base_fingerprint", ""),
         }
-        for job, scores in zip(jobs, evaluator.per_image(), strict=True):
+        for job, scores, flag in zip(jobs, evaluator.per_image(), flags, strict=True):
             per_image.append(
                 {
                     "model": entry.label,
@@ -361,6 +411,7 @@ def write_results(
                     "role": job.row.role,
                     "image": image_of[job.index],
                     **scores,
+                    "degenerate": int(flag),
                     **constant,
                     "guidance": job.guidance,
                     **provenance,

@@ -46,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["EvaluationConfig", "execute", "run_evaluation"]
 
+#: Gathered beside the judges' verdicts: whether each image is blank or constant (not scored).
+DEGENERATE = "_degenerate"
+
 
 @dataclass(kw_only=True)
 class EvaluationConfig:
@@ -205,11 +208,20 @@ def execute(out: str | Path, config: EvaluationConfig, sweep_metadata: Mapping[s
         show = config.progress and state.is_main_process
         local = _score_shard(plan, pipe, mine, evaluator, judges, work, config.batch_size, show)
         features, verdicts = _gather(state, local, plan)
+        degenerate = verdicts.pop(DEGENERATE)
         if not state.is_main_process:
             return None
         clip = ClipRecord(clip_name, clip_tag, list(templates), evaluator.logit_scale)
         document = write_results(
-            work, plan, features, evaluator, clip, verdicts=verdicts, judges=judges, num_processes=state.num_processes
+            work,
+            plan,
+            features,
+            evaluator,
+            clip,
+            verdicts=verdicts,
+            judges=judges,
+            num_processes=state.num_processes,
+            degenerate=degenerate,
         )
         if config.scales is not None:
             _write_sweep(work, out, document, sweep_metadata)
@@ -365,18 +377,22 @@ def _score_shard(
     """Embed (and judge) this process's images of every model: ``{"index", "features", "verdicts"}``."""
     import torch
 
+    from erasure.evaluation.functional import degenerate_images
+
     local: dict[str, Any] = {"index": [job.index for job in jobs], "features": {}, "verdicts": {}}
+    local["verdicts"][DEGENERATE] = {}
     for judge in judges:
         local["verdicts"][judge.name] = {}
     base_label = next((entry.label for entry in plan.entries if entry.kind == "base"), None)
     for entry in plan.entries:
         parts = []
-        verdicts: dict[str, list[Any]] = {judge.name: [] for judge in judges}
+        verdicts: dict[str, list[Any]] = {judge.name: [] for judge in judges} | {DEGENERATE: []}
         batches = _batches(entry, pipe, jobs, plan.generation, work, batch_size, show, base_label)
         for chunk, images in batches:
             parts.append(evaluator.embed_images(images))
             for judge in judges:
                 verdicts[judge.name] += judge.judge(images, [job.row for job in chunk])
+            verdicts[DEGENERATE] += degenerate_images(images)
         local["features"][entry.label] = torch.cat(parts) if parts else torch.zeros(0, evaluator._width())
         for name, values in verdicts.items():
             local["verdicts"][name][entry.label] = values

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from erasure.cli import main
 from erasure.evaluation import EvaluationError, Verdict, judge_metrics, run_evaluation
@@ -52,6 +53,7 @@ def write_model_images(folder, colours):
     images = np.zeros((len(ROWS), 32, 32, 3), np.uint8)
     for image, colour in zip(images, colours, strict=True):
         image[:] = colour
+        image[:2, :2] = 255 - np.asarray(colour, np.uint8)  # a mark: one flat colour is a degenerate image
     records = [
         {"case_number": i, "index": 0, "seed": 40 + i, "prompt": prompt,
          "row": {"evaluation_seed": 40 + i, "concept": concept, "type": kind}}
@@ -192,3 +194,37 @@ def test_evaluate_with_the_oracle_on_the_toy_world(tmp_path):
     assert base["oracle_neighbour_ratio"] is not None  # the base against itself
     with open(out / "per_image_oracle.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == document["prompts"]["images_per_model"]
+
+
+def test_blank_images_are_flagged_and_not_scored(tmp_path, monkeypatch, caplog):
+    """A broken model (NaN weights decode to black) must not be called a perfect erasure."""
+    from evaluation_helpers import save_tiny_clip
+
+    from erasure.evaluation import judges
+
+    monkeypatch.setitem(judges.JUDGES, "redness", "evaluation_helpers:RednessJudge")
+    write_model_images(tmp_path / "images" / "base", [RED, RED, BLUE, BLUE])
+    write_model_images(tmp_path / "images" / "broken", [BLUE, RED, BLUE, RED])
+    broken = tmp_path / "images" / "broken"
+    for png in broken.glob("*.png"):  # every image of the broken model one flat black
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(png)
+    with caplog.at_level("WARNING", logger="erasure.evaluation.results"):
+        out = run_evaluation(tmp_path / "eval", images=tmp_path / "images", clip=str(save_tiny_clip(tmp_path / "c")),
+                             judges=["redness:x"], progress=False)  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["base"]["n_degenerate"] == 0 and metrics["base"]["efficacy"] is not None
+    assert metrics["broken"]["n_degenerate"] == 4 and metrics["broken"]["n_images"] == 0
+    assert metrics["broken"]["efficacy"] is None and metrics["broken"]["redness_target_rate"] is None
+    with open(out / "per_image.csv", newline="") as handle:
+        flags = {(r["model"], r["case_number"]): r["degenerate"] for r in csv.DictReader(handle)}
+    assert set(flags[("broken", str(i))] for i in range(4)) == {"1"} and flags[("base", "0")] == "0"
+    assert "broken: 4 of 4 images are blank or constant" in caplog.text
+
+
+def test_degenerate_images_are_one_flat_colour():
+    from erasure.evaluation.functional import degenerate_images
+
+    flat = np.full((2, 8, 8, 3), (200, 10, 10), np.uint8)
+    noisy = flat.copy()
+    noisy[1, 0, 0, 1] += 3
+    assert degenerate_images(flat) == [True, True] and degenerate_images(noisy) == [True, False]

@@ -328,3 +328,19 @@ def test_the_package_and_the_commands_help_import_no_heavy_library():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_printed_table_carries_each_rates_n_and_interval(run, capsys):
+    from erasure.cli.evaluate import _print_metrics
+
+    document = json.loads((run / "metrics.json").read_text())
+    _print_metrics(run / "metrics.json")
+    out = capsys.readouterr().out
+    for label, metrics in document["metrics"].items():
+        line = next(line for line in out.splitlines() if line.startswith(label + " "))
+        for name in ("efficacy", "specificity", "generality"):
+            if metrics[name] is not None:
+                assert f"n={metrics[name + '_n']}" in line
+                low, high = metrics[name + "_ci95_low"], metrics[name + "_ci95_high"]
+                assert low <= metrics[name] <= high and f"[{low:.2f}, {high:.2f}]" in line
+    assert "higher is better" in out
