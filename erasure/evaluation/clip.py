@@ -20,8 +20,10 @@ without loading them.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -193,11 +195,32 @@ def load_clip(
             _check_pretrained_tag(name, pretrained)
         if pretrained and Path(pretrained).is_file() and Path(pretrained).suffix != ".safetensors":
             raise ClipLoadError(f"Refusing to unpickle {pretrained}: convert the weights to .safetensors first.")
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained or None, device=device
-        )
+        try:
+            with _quiet_root_logger():  # open_clip logs the hub's failure on the root logger before raising it
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    name, pretrained=pretrained or None, device=device
+                )
+        except (RuntimeError, OSError) as error:
+            if not pretrained or Path(pretrained).is_file():
+                raise
+            raise ClipLoadError(
+                f"The weights of CLIP {name}:{pretrained} are not in the local cache and could not be downloaded "
+                "(offline, or the hub is unreachable): fetch them once with network access, or pass a local folder "
+                "holding open_clip_config.json and open_clip_model.safetensors (--clip DIR)."
+            ) from error
         tokenizer = open_clip.get_tokenizer(name)
     return model.eval(), preprocess, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def _check_pretrained_tag(name: str, tag: str) -> None:

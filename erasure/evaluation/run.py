@@ -198,9 +198,9 @@ def execute(out: str | Path, config: EvaluationConfig, sweep_metadata: Mapping[s
     device = _device(config.device, state)
     clip_name, clip_tag = parse_clip_spec(config.clip)
     templates = tuple(config.templates) if config.templates else default_templates(clip_name)
+    clip_model = load_clip(clip_name, clip_tag, device=device)  # before the pipeline: a missing CLIP fails fast
     pipe, plan = _plan(config, device)
-    evaluator = Evaluator(*load_clip(clip_name, clip_tag, device=device), templates=templates, device=device,
-                          batch_size=config.batch_size)  # fmt: skip
+    evaluator = Evaluator(*clip_model, templates=templates, device=device, batch_size=config.batch_size)
     judges = [load_judge(spec, device=device) for spec in config.judges]
     work = _make_workdir(out, state)
     try:

@@ -135,3 +135,18 @@ def test_the_shipped_toy_clip_keeps_its_preprocessing():
     pixels = pixels_of(preprocess)
     assert pixels.shape == (3, 64, 64)
     assert pixels[0].max().item() == pytest.approx(1.0) and pixels[1].min().item() == pytest.approx(-1.0)
+
+
+def test_weights_that_cannot_be_fetched_are_one_line_naming_the_tag(monkeypatch):
+    import open_clip
+
+    from erasure.evaluation import ClipLoadError, load_clip
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag ...: a paragraph of hub text")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", offline)
+    with pytest.raises(ClipLoadError) as error:
+        load_clip("ViT-B-32", "laion2b_s34b_b79k")
+    message = str(error.value)
+    assert "ViT-B-32:laion2b_s34b_b79k" in message and "--clip DIR" in message and "\n" not in message
