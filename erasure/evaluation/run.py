@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
     from erasure.evaluation.evaluator import Evaluator
     from erasure.evaluation.judges import Judge
-    from erasure.evaluation.results import MetricsDocument
+    from erasure.evaluation.results import ClipRecord, MetricsDocument
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,8 @@ def execute(out: str | Path, config: EvaluationConfig, sweep_metadata: Mapping[s
     from erasure.evaluation.clip import load_clip
     from erasure.evaluation.evaluator import Evaluator
     from erasure.evaluation.judges import load_judge
-    from erasure.evaluation.results import ClipRecord, write_results
+    from erasure.evaluation.results import ClipRecord
+    from erasure.files import output_lock
 
     out = Path(out)
     _check_out(out, config.overwrite)
@@ -202,36 +204,55 @@ def execute(out: str | Path, config: EvaluationConfig, sweep_metadata: Mapping[s
     pipe, plan = _plan(config, device)
     evaluator = Evaluator(*clip_model, templates=templates, device=device, batch_size=config.batch_size)
     judges = [load_judge(spec, device=device) for spec in config.judges]
-    work = _make_workdir(out, state)
-    try:
-        mine = _shard(state, plan.jobs)
-        show = config.progress and state.is_main_process
-        local = _score_shard(plan, pipe, mine, evaluator, judges, work, config.batch_size, show)
-        features, verdicts = _gather(state, local, plan)
-        degenerate = verdicts.pop(DEGENERATE)
-        if not state.is_main_process:
-            return None
-        clip = ClipRecord(clip_name, clip_tag, list(templates), evaluator.logit_scale)
-        document = write_results(
-            work,
-            plan,
-            features,
-            evaluator,
-            clip,
-            verdicts=verdicts,
-            judges=judges,
-            num_processes=state.num_processes,
-            degenerate=degenerate,
-        )
-        if config.scales is not None:
-            _write_sweep(work, out, document, sweep_metadata)
-        from erasure.files import replace_folder
+    clip = ClipRecord(clip_name, clip_tag, list(templates), evaluator.logit_scale)
+    lock = output_lock(out) if state.is_main_process else contextlib.nullcontext()  # one writer per output
+    with lock:
+        work = _make_workdir(out, state)
+        try:
+            return _score_and_write(out, config, sweep_metadata, state, pipe, plan, evaluator, judges, work, clip)
+        finally:
+            if state.is_main_process and work.exists():
+                shutil.rmtree(work, ignore_errors=True)
 
-        replace_folder(work, out)
-        return out
-    finally:
-        if state.is_main_process and work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+
+def _score_and_write(
+    out: Path,
+    config: EvaluationConfig,
+    sweep_metadata: Mapping[str, Any] | None,
+    state: Any,
+    pipe: Any,
+    plan: EvaluationPlan,
+    evaluator: Evaluator,
+    judges: Sequence[Judge],
+    work: Path,
+    clip: ClipRecord,
+) -> Path | None:
+    """Score this process's share, gather, and (main process) write the results and rename ``work`` to ``out``."""
+    from erasure.evaluation.results import write_results
+    from erasure.files import replace_folder
+
+    mine = _shard(state, plan.jobs)
+    show = config.progress and state.is_main_process
+    local = _score_shard(plan, pipe, mine, evaluator, judges, work, config.batch_size, show)
+    features, verdicts = _gather(state, local, plan)
+    degenerate = verdicts.pop(DEGENERATE)
+    if not state.is_main_process:
+        return None
+    document = write_results(
+        work,
+        plan,
+        features,
+        evaluator,
+        clip,
+        verdicts=verdicts,
+        judges=judges,
+        num_processes=state.num_processes,
+        degenerate=degenerate,
+    )
+    if config.scales is not None:
+        _write_sweep(work, out, document, sweep_metadata)
+    replace_folder(work, out)
+    return out
 
 
 # -- 1. where ------------------------------------------------------------------------------------------------------
@@ -261,7 +282,11 @@ def _device(device: str | None, state: Any) -> torch.device:
 
 def _make_workdir(out: Path, state: Any) -> Path:
     """A fresh folder beside ``out``, named by the main process and shared with the others."""
-    name = [f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"]
+    from erasure.files import remove_stale_temporaries
+
+    if state.is_main_process:
+        remove_stale_temporaries(out)  # what a killed run left beside out
+    name = [f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"]  # erasure.files' naming: pid, then .tmp
     if state.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 

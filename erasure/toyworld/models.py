@@ -243,23 +243,18 @@ def save_clip(model: nn.Module, out: str | Path) -> None:
         model: The open_clip model.
         out: Destination folder.
     """
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
+    from erasure.files import atomic_path
+
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, tmp / "open_clip_model.safetensors")
-    config = {"model_cfg": CLIP_CONFIG, "preprocess_cfg": CLIP_PREPROCESS}
-    (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
-    (tmp / f"{CLIP_MODEL_NAME}.json").write_text(json.dumps(CLIP_CONFIG, indent=2))
-    (tmp / CLIP_CARD_NAME).write_text(json.dumps(clip_card(), indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_path(out) as tmp:  # replaces an existing out in one rename; umask permissions
+        tmp.mkdir()
+        save_file(state, tmp / "open_clip_model.safetensors")
+        config = {"model_cfg": CLIP_CONFIG, "preprocess_cfg": CLIP_PREPROCESS}
+        (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+        (tmp / f"{CLIP_MODEL_NAME}.json").write_text(json.dumps(CLIP_CONFIG, indent=2))
+        (tmp / CLIP_CARD_NAME).write_text(json.dumps(clip_card(), indent=2) + "\n")
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

@@ -228,3 +228,27 @@ def test_degenerate_images_are_one_flat_colour():
     noisy = flat.copy()
     noisy[1, 0, 0, 1] += 3
     assert degenerate_images(flat) == [True, True] and degenerate_images(noisy) == [True, False]
+
+
+def test_an_evaluation_removes_a_killed_runs_temporaries_and_refuses_a_live_writer(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from evaluation_helpers import save_tiny_clip
+
+    from erasure.files import OutputBusyError
+
+    write_model_images(tmp_path / "images" / "base", [RED, RED, BLUE, BLUE])
+    clip = str(save_tiny_clip(tmp_path / "c"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".eval.{dead.pid}.0123456789ab.tmp"
+    (stale / "images").mkdir(parents=True)
+    (tmp_path / ".eval.lock").write_text(f"{os.getppid()}\n")  # a live process holds the output
+    with pytest.raises(OutputBusyError, match="another process"):
+        run_evaluation(tmp_path / "eval", images=tmp_path / "images", clip=clip, progress=False)
+    (tmp_path / ".eval.lock").unlink()
+    out = run_evaluation(tmp_path / "eval", images=tmp_path / "images", clip=clip, progress=False)
+    assert (out / "metrics.json").is_file() and not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".eval")) == []
