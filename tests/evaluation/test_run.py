@@ -344,3 +344,17 @@ def test_the_printed_table_carries_each_rates_n_and_interval(run, capsys):
                 low, high = metrics[name + "_ci95_low"], metrics[name + "_ci95_high"]
                 assert low <= metrics[name] <= high and f"[{low:.2f}, {high:.2f}]" in line
     assert "higher is better" in out
+
+
+def test_the_same_command_twice_gives_identical_images_and_metrics(run, assets, tmp_path):
+    again = tmp_path / "again"
+    argv = evaluate_args(assets, again, "--model", str(assets["model"]), "--edit", str(assets["edit"]))
+    assert main([*argv, "--prompts", str(assets["prompts"]), "--seeds-per-prompt", "2", "--batch-size", "4"]) == 0
+    first, second = sorted((run / "images").rglob("*.png")), sorted((again / "images").rglob("*.png"))
+    assert [p.relative_to(run) for p in first] == [p.relative_to(again) for p in second] and first
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(first, second, strict=True))
+    one, two = (json.loads((folder / "metrics.json").read_text()) for folder in (run, again))
+    one.pop("created"), two.pop("created")
+    assert one["metrics"] == two["metrics"] and one["generation"] == two["generation"]
+    strip = [{k: v for k, v in row.items() if k != "image"} for row in read_csv(run / "per_image.csv")]
+    assert strip == [{k: v for k, v in row.items() if k != "image"} for row in read_csv(again / "per_image.csv")]
