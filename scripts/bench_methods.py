@@ -461,7 +461,7 @@ def _specs(args: argparse.Namespace) -> list[dict[str, Any]]:
         tiny = {**base, "pipeline": "tiny"}
         one = {"kind": "synthetic", "concepts": 1, "erase_per": 2, "preserve_per": 1}
         specs.append({**tiny, "label": "tiny uce 3 concepts", "method": "uce", "request": one | {"concepts": 3}})
-        esd = {"iterations": 2, "ddim_steps": 2, "resolution": 32}
+        esd = {"iterations": 2, "ddim_steps": 2, "resolution": 32, "preset": "paper"}  # a trajectory per iteration
         specs.append({**tiny, "label": "tiny esd-x", "method": "esd-x", "overrides": esd, "request": one})
         fmn = {"steps": 2, "resolution": 32}
         specs.append(
@@ -492,7 +492,7 @@ def _specs(args: argparse.Namespace) -> list[dict[str, Any]]:
             specs.append({**sd, "label": f"sd14 uce {count} concepts", "method": "uce", "request": request})
         one = {"kind": "synthetic", "concepts": 1, "erase_per": 2, "preserve_per": 0}
         for variant in args.sd14_esd:
-            esd = {"iterations": args.esd_iterations, "ddim_steps": args.esd_ddim_steps}
+            esd = {"iterations": args.esd_iterations, "ddim_steps": args.esd_ddim_steps, "preset": "paper"}
             if args.sd14_resolution:
                 esd["resolution"] = args.sd14_resolution
             name, _, flag = variant.partition("+")

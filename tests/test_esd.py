@@ -23,7 +23,7 @@ from erasure.sampling import ddim_scheduler, initial_noise
 from erasure.testing import tiny_pipeline
 
 PIP = EraseRequest((Concept(name="pip", kind="character", erase=("a picture of pip",)),))
-FAST = {"iterations": 3, "ddim_steps": 3, "resolution": 16}
+FAST = {"iterations": 3, "ddim_steps": 3, "resolution": 16, "preset": "paper"}  # the per-iteration trajectory samplers
 
 
 # --- maths ------------------------------------------------------------------------------------------------------
@@ -66,7 +66,8 @@ def test_variants_are_registered_with_their_parameter_sets():
 
 
 def test_presets_fill_only_unset_fields():
-    paper = ESDConfig()
+    assert ESDConfig().preset == "fast" and ESDConfig() == ESDConfig(preset="fast")  # the default
+    paper = ESDConfig(preset="paper")
     assert (paper.iterations, paper.lr, paper.eta, paper.sampler) == (1000, 1e-5, 1.0, "edited")
     newer = ESDConfig(preset="diffusers", iterations=7, lr="1e-4")
     assert (newer.iterations, newer.lr, newer.eta, newer.sampler) == (7, 1e-4, 1.0, "frozen")
@@ -238,7 +239,7 @@ def test_cached_sampler_trains_on_frozen_states_and_counts_its_work(monkeypatch)
 def test_fast_preset_is_diffusers_with_the_cached_sampler():
     fast, newer = ESDConfig(preset="fast"), ESDConfig(preset="diffusers")
     assert (fast.iterations, fast.lr, fast.eta) == (newer.iterations, newer.lr, newer.eta)
-    assert fast.sampler == "cached" and newer.sampler == "frozen" and ESDConfig().sampler == "edited"
+    assert fast.sampler == "cached" and newer.sampler == "frozen" and ESDConfig(preset="paper").sampler == "edited"
     with pytest.raises(ValueError, match="trajectories"):
         ESDConfig(preset="fast", trajectories=0)
 
