@@ -225,13 +225,18 @@ def make_quality_check(vae, tokenizer, oracle, log: list[dict], device, schedule
     return check
 
 
+def _json_value(value):
+    """A recipe value as strict JSON holds it: paths as text, an unlimited budget (inf) as null."""
+    return str(value) if isinstance(value, Path) else None if value == math.inf else value
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device(args.device)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     report: dict = {
-        "recipe": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "recipe": {k: _json_value(v) for k, v in vars(args).items()},
         "device": str(device), "host": platform.node(), "torch": torch.__version__, "threads": torch.get_num_threads(),
     }  # fmt: skip
     if device.type == "cuda":

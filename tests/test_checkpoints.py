@@ -18,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = Path(os.environ.get("ERASURE_CHECKPOINTS", ROOT / "checkpoints"))
 SD, CLIP, ORACLE = (CHECKPOINTS / name for name in ("toyworld-sd", "toyworld-clip", "toyworld-oracle"))
+WITHOUT_PIP = CHECKPOINTS / "toyworld-sd-without-pip"  # the exact-unlearning reference of the probes
 MAX_BYTES = 60 * 1024 * 1024
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"}
 
@@ -32,7 +33,7 @@ def files(folder: Path) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file()]
 
 
-@pytest.mark.parametrize("folder", [SD, CLIP, ORACLE], ids=lambda p: p.name)
+@pytest.mark.parametrize("folder", [SD, CLIP, ORACLE, WITHOUT_PIP], ids=lambda p: p.name)
 def test_folder_is_small_safetensors_only_with_a_model_card(folder):
     require(folder)
     size = sum(p.stat().st_size for p in files(folder))
@@ -184,3 +185,21 @@ def test_oracle_loads_and_reads_fresh_renders():
     images, labels = fresh_renders(60, seed=2024)
     scores = accuracy(oracle_predict(oracle, images), labels)
     assert min(scores.values()) > 0.9, scores
+
+
+def test_the_reference_without_pip_is_the_same_pipeline_trained_without_pip():
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    reference = StableDiffusionPipeline.from_pretrained(str(require(WITHOUT_PIP)), safety_checker=None)
+    shipped = StableDiffusionPipeline.from_pretrained(str(SD), safety_checker=None)
+
+    def config(module):
+        return {k: v for k, v in dict(module.config).items() if k != "_name_or_path"}
+
+    assert config(reference.unet) == config(shipped.unet)
+    assert config(reference.scheduler) == config(shipped.scheduler)
+    assert reference.tokenizer.get_vocab() == shipped.tokenizer.get_vocab()
+    recipe = json.loads((WITHOUT_PIP / "training_log.json").read_text())["recipe"]
+    assert recipe["exclude_concept"] == ["Pip"] and recipe["seed"] == 0 and recipe["steps"] == 2400
