@@ -9,6 +9,15 @@ its attacks with :func:`register`, as :mod:`erasure.methods` does for methods::
 :func:`get_attack` builds a configured instance: ``get_attack("noise", preset="paper", etas=(1.0, 1.5))``. Every
 attack has a ``toy`` preset (the default: fits a 2-core CPU on the toy world) and a ``paper`` preset (the official
 values, for GPUs); see each attack's config class.
+
+The shared modules, lowest first: :mod:`~erasure.attacks.base` (configs, results, the attack template, the held-out
+rows), :mod:`~erasure.attacks.override` (input-embedding override, token slots), :mod:`~erasure.attacks.cost` (the
+cost meter), :mod:`~erasure.attacks.sampler` (the one DDIM sampler), :mod:`~erasure.attacks.judges` (the
+evaluation's judges as judge and selector), :mod:`~erasure.attacks.context` (base/edited pair, judging,
+negative-prompt suppression), :mod:`~erasure.attacks.optimise` (parametrisations, objectives, the loop),
+:mod:`~erasure.attacks.verdict` (metrics and the verdict), :mod:`~erasure.attacks.suite` (``run_probe``),
+:mod:`~erasure.attacks.models` (the model under test as an edit) and :mod:`~erasure.attacks.run` (``probe``, the
+job of ``erasure probe``).
 """
 
 from __future__ import annotations
@@ -18,19 +27,16 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from erasure.attacks.base import (
-    Attack,
-    AttackConfig,
-    AttackContext,
-    AttackResult,
-    CostMeter,
-)
+from erasure.attacks.base import Attack, AttackConfig, AttackError, AttackResult
+from erasure.attacks.context import AttackContext
+from erasure.attacks.cost import CostMeter
 
 __all__ = [
     "ATTACKS",
     "Attack",
     "AttackConfig",
     "AttackContext",
+    "AttackError",
     "AttackResult",
     "CostMeter",
     "attack_names",
@@ -42,7 +48,10 @@ __all__ = [
 ATTACKS: dict[str, type[Attack]] = {}
 
 _A = TypeVar("_A", bound=type[Attack])
-_SHARED_MODULES = frozenset({"base", "embedding", "sampler", "verdict", "suite"})
+#: Modules shared by the attacks (everything else in the package is an attack and registers itself).
+_SHARED_MODULES = frozenset(
+    {"base", "context", "cost", "judges", "models", "optimise", "override", "run", "sampler", "suite", "verdict"}
+)
 
 
 def register(name: str) -> Callable[[_A], _A]:

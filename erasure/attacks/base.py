@@ -1,37 +1,21 @@
-"""What every attack and probe shares: configs with presets, the base/edited context, results and the cost meter.
+"""What every attack and probe shares: configs with presets, the attack template, results, and the held-out rows.
 
 An attack is an :class:`AttackConfig` subclass (fields with ``help``, a ``toy`` and a ``paper`` preset) plus an
 :class:`Attack` subclass implementing :meth:`Attack._run`. :meth:`Attack.run` does the common work: checks the
-concept, meters the cost, and stamps the result.
+concept, meters the cost (:mod:`erasure.attacks.cost`), seeds the attack, and stamps the :class:`AttackResult`.
+The models, judge and selector an attack works with are an :class:`erasure.attacks.context.AttackContext`.
 
-:class:`AttackContext` holds one pipeline and the edit under test. ``ctx.model("base")`` and
-``ctx.model("edited")`` are ``with`` blocks in which the pipeline holds that model's weights: the edit is applied
-(:meth:`erasure.edit.Edit.apply_to`) only inside an ``edited`` block and reverted bit for bit when it ends, also on
-failure, so no second UNet is needed and the pipeline always ends as it was given. Every image an attack reports is
-judged by ``ctx.judge`` (``images -> list[bool]``: shows the target); choices made inside a search (best variant,
-early stop) use ``ctx.selector`` (``images -> list[float]``, higher = more target-like). The two must differ: a
-search that selects with the judge that then scores it reports "exists a variant the judge accepts", inflated by
-the judge's own false positives (pitfall 1 of UnlearnDiffAtk's and WhenAreConceptsErased's code); the context
-refuses it unless ``allow_selector_as_judge=True``, and the result records it.
-
-Every image is judged on the concept's held-out ``evaluate`` prompts, image ``j`` of a prompt with seed
-``base_seed + j`` (the rows :func:`erasure.prompt_sets.rows_from_request` makes, so ``erasure evaluate``'s images
-are the same ones), through one sampler (:mod:`erasure.attacks.sampler`), so base, edited and attacked columns
-differ only by what the attack changed.
-
-:class:`CostMeter` counts the work: UNet forward calls and batch rows, UNet backward calls and rows, text-encoder
-passes (forward and backward) and seconds, by forward hooks on the modules (a backward is counted when the gradient
-reaches the module's output), so attacks compare by budget, not only by success.
+Every image is judged on the concept's held-out ``evaluate`` prompts (:func:`evaluation_rows`), image ``j`` of a
+prompt with seed ``base_seed + j`` (the rows :func:`erasure.prompt_sets.rows_from_request` makes, so ``erasure
+evaluate``'s images are the same ones).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import re
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -40,8 +24,6 @@ import torch
 from torch import Tensor
 
 from erasure.concepts import Concept, EraseRequest
-from erasure.diffusion import Conditioning, encode_prompts
-from erasure.edit import Edit
 from erasure.prompt_sets import PromptRow, rows_from_request
 
 logger = logging.getLogger(__name__)
@@ -51,15 +33,14 @@ __all__ = [
     "SURFACES",
     "Attack",
     "AttackConfig",
-    "AttackContext",
     "AttackError",
     "AttackResult",
-    "CostMeter",
     "Judge",
     "Selector",
+    "adversarial_row",
     "evaluation_rows",
+    "mentions",
     "replace_words",
-    "token_embedding",
 ]
 
 #: What an attack changes to bring the concept back (the verdict lists the surfaces that reach it).
@@ -145,116 +126,6 @@ class AttackConfig:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Cost
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _first_tensor(value: Any) -> Tensor | None:
-    if isinstance(value, Tensor):
-        return value
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, tuple | list):
-        for item in value:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    sample = getattr(value, "sample", None)
-    return sample if isinstance(sample, Tensor) else None
-
-
-def token_embedding(text_encoder: torch.nn.Module) -> torch.nn.Embedding:
-    """The token-embedding table of a CLIP text encoder (transformers 4 and 5 layouts).
-
-    Raises:
-        AttackError: If none is found.
-    """
-    for path in ("text_model.embeddings.token_embedding", "embeddings.token_embedding"):
-        module: Any = text_encoder
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if isinstance(module, torch.nn.Embedding):
-            return module
-    embedding = text_encoder.get_input_embeddings() if hasattr(text_encoder, "get_input_embeddings") else None
-    if isinstance(embedding, torch.nn.Embedding):
-        return embedding
-    raise AttackError(f"{type(text_encoder).__name__} has no token-embedding table this library can hook.")
-
-
-class CostMeter:
-    """Counts UNet and text-encoder work while active (a ``with`` block), by hooks on the modules.
-
-    Counted per module (``unet``, ``text_encoder``; SDXL's ``text_encoder_2`` adds to the text-encoder counts):
-    ``*_forwards`` (calls), ``*_forward_rows`` (batch rows: a CFG step of ``B`` images is one call of ``2B``
-    rows), ``*_backwards`` and ``*_backward_rows`` (a backward reached the module's output; for the text encoder,
-    its token-embedding output, where attacks put their gradients), and ``seconds`` of wall time. Meters nest:
-    each counts everything run inside its block.
-    """
-
-    COUNTERS: ClassVar[tuple[str, ...]] = tuple(
-        f"{module}_{kind}"
-        for module in ("unet", "text_encoder")
-        for kind in ("forwards", "forward_rows", "backwards", "backward_rows")
-    )
-
-    def __init__(self, pipe: Any) -> None:
-        self.pipe = pipe
-        self.counts: dict[str, float] = dict.fromkeys(self.COUNTERS, 0)
-        self.counts["seconds"] = 0.0
-        self._handles: list[Any] = []
-        self._started: float | None = None
-
-    def _count(self, module: str, kind: str, rows: int) -> None:
-        self.counts[f"{module}_{kind}s"] += 1
-        self.counts[f"{module}_{kind}_rows"] += int(rows)
-
-    def _forward_hook(self, module_name: str, watch_output: bool) -> Callable[..., None]:
-        def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
-            first = _first_tensor(list(args) + list(kwargs.values()))
-            rows = int(first.shape[0]) if first is not None and first.ndim else 1
-            self._count(module_name, "forward", rows)
-            out = _first_tensor(output)
-            if watch_output and out is not None and out.requires_grad:
-                out.register_hook(lambda grad: self._count(module_name, "backward", grad.shape[0]) or None)
-
-        return hook
-
-    def _embedding_hook(self, module: Any, args: tuple, output: Any) -> None:
-        if isinstance(output, Tensor) and output.requires_grad:
-            output.register_hook(lambda grad: self._count("text_encoder", "backward", grad.shape[0]) or None)
-
-    def __enter__(self) -> CostMeter:
-        self._handles.append(self.pipe.unet.register_forward_hook(self._forward_hook("unet", True), with_kwargs=True))
-        for name in ("text_encoder", "text_encoder_2"):
-            encoder = getattr(self.pipe, name, None)
-            if encoder is None:
-                continue
-            self._handles.append(
-                encoder.register_forward_hook(self._forward_hook("text_encoder", False), with_kwargs=True)
-            )
-            self._handles.append(token_embedding(encoder).register_forward_hook(self._embedding_hook))
-        self._started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        if self._started is not None:
-            self.counts["seconds"] += time.perf_counter() - self._started
-            self._started = None
-
-    def summary(self) -> dict[str, float]:
-        """The counts so far (seconds include the running block)."""
-        counts = dict(self.counts)
-        if self._started is not None:
-            counts["seconds"] += time.perf_counter() - self._started
-        return {key: (round(value, 3) if key == "seconds" else int(value)) for key, value in counts.items()}
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Prompts
 # --------------------------------------------------------------------------------------------------------------
 
@@ -291,249 +162,15 @@ def mentions(prompt: str, words: Sequence[str]) -> bool:
     return any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", prompt, flags=re.IGNORECASE) for w in words)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Context
-# --------------------------------------------------------------------------------------------------------------
+def adversarial_row(row: PromptRow, prompt: str, attack: str, seed: int | None = None, **extra: str) -> PromptRow:
+    """An adversarial prompt as a row of the field's schema, replayable by ``erasure evaluate --prompts``.
 
-
-class AttackContext:
-    """The pipeline, the edit under test, the judge and selector, and the generation settings of a probe.
-
-    Args:
-        pipe: The base pipeline (as loaded; it ends every call with these weights).
-        edit: The edit under test; ``None`` tests the pipeline as loaded (edited = base).
-        judge: ``images -> list[bool]``: each uint8 ``(H, W, 3)`` image shows the target. Scores every
-            reported image.
-        selector: ``images -> list[float]``, higher = more target-like; used inside searches only.
-        allow_selector_as_judge: Permit ``selector is judge`` (the result then says so).
-        steps: DDIM steps of every generation.
-        guidance: CFG scale of every generation.
-        images_per_prompt: Seeds per evaluate prompt (image ``j`` has seed ``base_seed + j``).
-        base_seed: Seed of each prompt's first image.
-        batch_size: Images per sampler call.
-        size: Image side (the model's native size by default).
-        scale: Strength at which the edit is applied.
-
-    Raises:
-        AttackError: If judge or selector is not callable, or they are the same without the flag.
-        erasure.edit.FingerprintMismatchError: If the edit was made from another base model.
+    The held-out ``row``'s case number, concept, type, classes and extra columns (anchor, erased concept) are kept,
+    so a replay scores it as the row it attacks; ``extra["attack"]`` names the attack.
     """
-
-    def __init__(
-        self,
-        pipe: Any,
-        edit: Edit | None,
-        judge: Judge,
-        selector: Selector,
-        *,
-        allow_selector_as_judge: bool = False,
-        steps: int = 25,
-        guidance: float = 7.5,
-        images_per_prompt: int = 1,
-        base_seed: int = 0,
-        batch_size: int = 16,
-        size: int | None = None,
-        scale: float = 1.0,
-    ) -> None:
-        if not callable(judge) or not callable(selector):
-            raise AttackError("judge and selector must both be callables taking a uint8 (N, H, W, 3) image array.")
-        if selector is judge and not allow_selector_as_judge:
-            raise AttackError(
-                "The selector is the judge: a search that selects with the judge it is scored by reports the judge's "
-                "false positives as successes. Pass a different selector, or allow_selector_as_judge=True "
-                "(--allow-same-judge) to do it anyway (it is recorded)."
-            )
-        if int(steps) < 1 or int(batch_size) < 1 or int(images_per_prompt) < 1:
-            raise AttackError("steps, batch_size and images_per_prompt must each be at least 1.")
-        if edit is not None:
-            edit.check_base(pipe)
-        self.pipe = pipe
-        self.edit = edit
-        self.judge = judge
-        self.selector = selector
-        self.selector_is_judge = selector is judge
-        self.steps = int(steps)
-        self.guidance = float(guidance)
-        self.images_per_prompt = int(images_per_prompt)
-        self.base_seed = int(base_seed)
-        self.batch_size = int(batch_size)
-        self.size = size
-        self.scale = float(scale)
-        self._state = "base"
-        self._base_cache: dict[tuple[str, int], np.ndarray] = {}
-
-    def settings(self) -> dict[str, Any]:
-        """The generation settings, for results."""
-        return {
-            "steps": self.steps,
-            "guidance": self.guidance,
-            "images_per_prompt": self.images_per_prompt,
-            "base_seed": self.base_seed,
-            "size": self.size,
-            "edit_scale": self.scale,
-            "selector_is_judge": self.selector_is_judge,
-            "sampler": "ddim",
-        }
-
-    # -- models --------------------------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> str:
-        """Which model the pipeline holds now: ``base`` or ``edited``."""
-        return self._state
-
-    @contextlib.contextmanager
-    def model(self, which: str) -> Iterator[Any]:
-        """The pipeline holding ``which`` model's weights for the block (``base`` or ``edited``); yields it.
-
-        Blocks nest: ``model("base")`` inside an ``edited`` block reverts the edit for its duration and applies it
-        again after. The edit is applied exactly around its use and reverted bit for bit, also on failure.
-        """
-        if which not in MODELS:
-            raise AttackError(f"model must be one of {', '.join(MODELS)}, got {which!r}.")
-        if which == self._state or self.edit is None:
-            previous = self._state
-            self._state = which
-            try:
-                yield self.pipe
-            finally:
-                self._state = previous
-            return
-        if which == "edited":
-            self.edit.apply_to(self.pipe, scale=self.scale, check=False)  # checked once, in __init__
-        else:
-            self.edit.revert(self.pipe)
-        self._state = which
-        try:
-            yield self.pipe
-        finally:
-            if which == "edited":
-                self.edit.revert(self.pipe)
-                self._state = "base"
-            else:
-                self.edit.apply_to(self.pipe, scale=self.scale, check=False)
-                self._state = "edited"
-
-    def meter(self) -> CostMeter:
-        """A fresh :class:`CostMeter` on this pipeline (enter it with ``with``)."""
-        return CostMeter(self.pipe)
-
-    # -- generation ----------------------------------------------------------------------------------------------
-
-    def encode(self, prompts: Sequence[str]) -> Conditioning:
-        """Prompt embeddings of the pipeline's text encoder (which no edit of a UNet changes)."""
-        return encode_prompts(self.pipe, list(prompts))
-
-    def generate(
-        self,
-        which: str,
-        conditioning: Conditioning | Sequence[str],
-        seeds: Sequence[int],
-        **sample_kwargs: Any,
-    ) -> np.ndarray:
-        """Images of model ``which`` from prompts (or embeddings) and seeds, in batches, via :func:`sample`.
-
-        Args:
-            which: ``base`` or ``edited``.
-            conditioning: One prompt, or one embedding row, per seed.
-            seeds: One seed per image.
-            **sample_kwargs: Passed to :func:`erasure.attacks.sampler.sample` (``eta``, ``on_step`` ...).
-
-        Returns:
-            uint8 ``(N, H, W, 3)``.
-        """
-        from erasure.attacks.sampler import decode, sample, seeded_noise
-
-        if len(conditioning) != len(seeds):
-            raise AttackError(f"got {len(conditioning)} prompts for {len(seeds)} seeds; give one per image.")
-        images = []
-        with self.model(which) as pipe:
-            for start in range(0, len(seeds), self.batch_size):
-                stop = min(start + self.batch_size, len(seeds))
-                part = conditioning[start:stop]
-                cond = self.encode(part) if not isinstance(part, Conditioning) else part
-                latents, generators = seeded_noise(pipe, seeds[start:stop], self.size)
-                settings = {"steps": self.steps, "guidance": self.guidance} | sample_kwargs
-                latents = sample(pipe, cond, latents, generators=generators, **settings)
-                images.append(decode(pipe, latents))
-        return np.concatenate(images)
-
-    def base_images(self, rows: Sequence[PromptRow]) -> np.ndarray:
-        """The base model's images of ``rows`` (prompt, seed), generated once per context and cached."""
-        missing = [row for row in rows if (row.prompt, row.evaluation_seed) not in self._base_cache]
-        missing = list({(r.prompt, r.evaluation_seed): r for r in missing}.values())
-        if missing:
-            made = self.generate("base", [r.prompt for r in missing], [r.evaluation_seed for r in missing])
-            for row, image in zip(missing, made, strict=True):
-                self._base_cache[(row.prompt, row.evaluation_seed)] = image
-        return np.stack([self._base_cache[(row.prompt, row.evaluation_seed)] for row in rows])
-
-    # -- judging -------------------------------------------------------------------------------------------------
-
-    def judge_images(self, images: np.ndarray) -> list[bool]:
-        """The judge's verdicts (one bool per image); checks the judge's answer."""
-        verdicts = list(self.judge(images))
-        if len(verdicts) != len(images):
-            raise AttackError(f"The judge returned {len(verdicts)} verdicts for {len(images)} images.")
-        return [bool(v) for v in verdicts]
-
-    def select_scores(self, images: np.ndarray) -> list[float]:
-        """The selector's scores (one float per image, higher = more target-like)."""
-        scores = [float(s) for s in self.selector(images)]
-        if len(scores) != len(images):
-            raise AttackError(f"The selector returned {len(scores)} scores for {len(images)} images.")
-        return scores
-
-    def best_of(
-        self,
-        rows: Sequence[PromptRow],
-        variants: Sequence[np.ndarray],
-        params: Sequence[Mapping[str, Any] | Sequence[Mapping[str, Any]]],
-        *,
-        model: str,
-        attack: str,
-    ) -> tuple[list[bool], np.ndarray, list[dict[str, Any]]]:
-        """Pick each row's best variant by the selector, then judge only the picked images.
-
-        Args:
-            rows: The evaluation rows.
-            variants: ``V`` arrays of ``len(rows)`` images each (variant ``v`` of row ``i`` is ``variants[v][i]``).
-            params: Per variant, one dict describing it (recorded), or one dict per row; a ``prompt`` or ``seed``
-                key overrides the row's in the record.
-            model: ``base`` or ``edited`` (recorded).
-            attack: The attack's name (recorded).
-
-        Returns:
-            ``(hits, picked images, records)``: one hit per row (the judge on the picked variant, ASR@V), and one
-            record per (variant, row), with its selector score, whether it was picked, and the judge's verdict on
-            the picked ones.
-        """
-        if len(variants) != len(params) or not variants:
-            raise AttackError("best_of needs one parameter dict per variant, and at least one variant.")
-        scores = np.array([self.select_scores(images) for images in variants])  # (V, N)
-        best = scores.argmax(0)  # ties: the first variant
-        picked = np.stack([variants[v][i] for i, v in enumerate(best)])
-        hits = self.judge_images(picked)
-        records = []
-        for v, shared in enumerate(params):
-            for i, row in enumerate(rows):
-                description = shared if isinstance(shared, Mapping) else shared[i]
-                chosen = int(best[i]) == v
-                records.append(
-                    {
-                        "attack": attack,
-                        "model": model,
-                        "case_number": row.case_number,
-                        "prompt": description.get("prompt", row.prompt),
-                        "seed": description.get("seed", row.evaluation_seed),
-                        "variant": v,
-                        "params": {k: val for k, val in description.items() if k not in ("prompt", "seed")},
-                        "selector_score": float(scores[v, i]),
-                        "selected": chosen,
-                        "shows_target": hits[i] if chosen else None,
-                    }
-                )
-        return hits, picked, records
+    seed = row.evaluation_seed if seed is None else int(seed)
+    columns = dict(row.extra) | {key: str(value) for key, value in extra.items()} | {"attack": attack}
+    return PromptRow(row.case_number, prompt, seed, row.concept, row.row_type, row.classes, columns)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -607,8 +244,11 @@ class Attack:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, config={self.config})"
 
-    def run(self, ctx: AttackContext, concept: Concept) -> AttackResult:
+    def run(self, ctx: Any, concept: Concept) -> AttackResult:
         """Run the attack on ``ctx``'s edited model for ``concept`` and judge it on the held-out rows.
+
+        ``ctx`` is an :class:`erasure.attacks.context.AttackContext` (not imported here: the context builds on
+        this module).
 
         The pipeline holds its base weights again afterwards, also on failure; the global RNG is left untouched.
 
@@ -616,6 +256,7 @@ class Attack:
             AttackError: On a concept without evaluate prompts, or bad settings.
         """
         rows = evaluation_rows(concept, ctx.images_per_prompt, ctx.base_seed)
+        self.check(ctx)
         if ctx.state != "base":
             raise AttackError("Run attacks from outside any ctx.model(...) block.")
         with ctx.meter() as meter, torch.random.fork_rng(devices=[]):
@@ -628,7 +269,10 @@ class Attack:
             prompt_row.extra.setdefault("attack", self.name)
         return result
 
-    def _run(self, ctx: AttackContext, concept: Concept, rows: list[PromptRow]) -> AttackResult:
+    def check(self, ctx: Any) -> None:
+        """Hook: raise :class:`AttackError` if the config cannot run in ``ctx`` (checked before any generation)."""
+
+    def _run(self, ctx: Any, concept: Concept, rows: list[PromptRow]) -> AttackResult:
         """The attack's hook: return an :class:`AttackResult` whose ``hits`` align with ``rows``."""
         raise NotImplementedError
 

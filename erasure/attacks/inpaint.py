@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from erasure.attacks import register
-from erasure.attacks.base import Attack, AttackConfig, AttackContext, AttackError, AttackResult
-from erasure.attacks.sampler import decode, sample, seeded_noise
+from erasure.attacks.base import Attack, AttackConfig, AttackError, AttackResult
+from erasure.attacks.context import AttackContext
+from erasure.attacks.sampler import decode, seeded_noise
 from erasure.concepts import Concept
 from erasure.prompt_sets import PromptRow
 from erasure.sampling import ddim_scheduler, images_to_latents
@@ -61,7 +62,7 @@ def inpaint(ctx: AttackContext, which: str, prompts, seeds, images: np.ndarray, 
                     target = known
                 return m * x + (1 - m) * target
 
-            latents = sample(pipe, cond, noise, steps=ctx.steps, guidance=ctx.guidance, on_step=blend)
+            latents = ctx.sample(cond, noise, on_step=blend)
             out.append(decode(pipe, latents))
     return np.concatenate(out)
 

@@ -29,22 +29,15 @@ from erasure.attacks import register
 from erasure.attacks.base import (
     Attack,
     AttackConfig,
-    AttackContext,
     AttackError,
     AttackResult,
+    adversarial_row,
     mentions,
     replace_words,
 )
-from erasure.attacks.embedding import (
-    DenoiseObjective,
-    added_token,
-    frozen,
-    make_parametrisation,
-    optimise,
-    placeholder_layout,
-    token_embedding,
-    vocabulary_ids,
-)
+from erasure.attacks.context import AttackContext
+from erasure.attacks.optimise import DenoiseObjective, frozen, make_parametrisation, optimise
+from erasure.attacks.override import added_token, placeholder_layout, token_embedding, vocabulary_ids
 from erasure.concepts import Concept
 from erasure.prompt_sets import PromptRow
 from erasure.sampling import images_to_latents
@@ -139,8 +132,9 @@ class ConceptInversion(Attack):
             }
             for r, p, s, h in zip(rows, prompts, scores, hits, strict=True)
         ]  # fmt: skip
+        # the placeholder means something only with the learned vector: the row names the file the probe writes
         prompt_rows = [
-            PromptRow(r.case_number, p, r.evaluation_seed, r.concept, r.row_type, r.classes, {"attack": self.name})
+            adversarial_row(r, p, self.name, embedding=f"embeddings/{self.name}.safetensors", token=config.token)
             for r, p in zip(rows, prompts, strict=True)
         ]
         return self.result(

@@ -19,7 +19,8 @@ import itertools
 from dataclasses import dataclass, field
 
 from erasure.attacks import register
-from erasure.attacks.base import Attack, AttackConfig, AttackContext, AttackError, AttackResult
+from erasure.attacks.base import Attack, AttackConfig, AttackError, AttackResult
+from erasure.attacks.context import AttackContext
 from erasure.concepts import Concept
 from erasure.prompt_sets import PromptRow
 

@@ -23,16 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from erasure.attacks import register
-from erasure.attacks.base import Attack, AttackConfig, AttackContext, AttackError, AttackResult
-from erasure.attacks.embedding import (
-    MatchObjective,
-    build_slots,
-    concept_latents,
-    make_parametrisation,
-    prompt_attack,
-    token_embedding,
-    vocabulary_ids,
-)
+from erasure.attacks.base import Attack, AttackConfig, AttackError, AttackResult, adversarial_row
+from erasure.attacks.context import AttackContext
+from erasure.attacks.optimise import MatchObjective, concept_latents, make_parametrisation, prompt_attack
+from erasure.attacks.override import build_slots, token_embedding, vocabulary_ids
 from erasure.concepts import Concept
 from erasure.prompt_sets import PromptRow
 
@@ -91,10 +85,7 @@ class P4D(Attack):
             ctx, self.name, rows, layouts, param, objective, steps=config.steps, lr=config.lr, optimizer="adamw",
             weight_decay=config.weight_decay, eval_every=config.eval_every, generator=generator,
         )  # fmt: skip
-        prompts = [
-            PromptRow(r.case_number, text, r.evaluation_seed, r.concept, r.row_type, r.classes, {"attack": self.name})
-            for r, text in zip(rows, found["prompts"], strict=True)
-        ]
+        prompts = [adversarial_row(r, text, self.name) for r, text in zip(rows, found["prompts"], strict=True)]
         notes = {"token_ids": found["token_ids"], "losses": found["losses"], "evaluations": found["evaluations"]}
         return self.result(
             rows, found["hits"], records=found["records"], prompts=prompts, images=found["images"], notes=notes

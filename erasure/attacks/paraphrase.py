@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from erasure.attacks import register
-from erasure.attacks.base import Attack, AttackConfig, AttackContext, AttackError, AttackResult, mentions
+from erasure.attacks.base import Attack, AttackConfig, AttackError, AttackResult, adversarial_row, mentions
+from erasure.attacks.context import AttackContext
 from erasure.concepts import Concept
 from erasure.prompt_sets import PromptRow
 
@@ -90,11 +91,6 @@ class Paraphrase(Attack):
         variants = [images[v * len(rows) : (v + 1) * len(rows)] for v in range(count)]
         hits, picked, records = ctx.best_of(rows, variants, params, model="edited", attack=self.name)
         best = [next(r for r in records if r["case_number"] == row.case_number and r["selected"]) for row in rows]
-        prompts = [
-            PromptRow(
-                row.case_number, b["prompt"], b["seed"], row.concept, row.row_type, row.classes, {"attack": self.name}
-            )
-            for row, b in zip(rows, best, strict=True)
-        ]
+        prompts = [adversarial_row(row, b["prompt"], self.name, b["seed"]) for row, b in zip(rows, best, strict=True)]
         notes = {"variants": count, "named": [mentions(b["prompt"], concept.concept_words) for b in best]}
         return self.result(rows, hits, records=records, prompts=prompts, images=picked, notes=notes)

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from erasure.attacks import register
-from erasure.attacks.base import Attack, AttackConfig, AttackContext, AttackError, AttackResult
+from erasure.attacks.base import Attack, AttackConfig, AttackError, AttackResult
+from erasure.attacks.context import AttackContext
 from erasure.concepts import Concept
 from erasure.methods.base import select_unet_parameters
 from erasure.prompt_sets import PromptRow

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from erasure.attacks import register
-from erasure.attacks.base import Attack, AttackConfig, AttackContext, AttackError, AttackResult, replace_words
+from erasure.attacks.base import Attack, AttackConfig, AttackError, AttackResult, replace_words
+from erasure.attacks.context import AttackContext
 from erasure.concepts import Concept
 from erasure.diffusion import Conditioning
 from erasure.prompt_sets import PromptRow

@@ -16,9 +16,15 @@ reach on the reference (:func:`erasure.attacks.verdict.decide`).
 ``out`` receives, atomically (a temporary folder renamed into place: an interrupted probe leaves nothing):
 ``per_image.csv`` (one row per generated image: attack, model, case number, prompt, seed, variant, its parameters,
 selector score, picked, judge verdict), ``summary.json`` (per attack: rates with intervals, gap closed, recovery,
-ASR in both denominators, cost; the settings), ``verdict.json``, ``prompts.csv`` (the adversarial prompts in the
-field's schema with an ``attack`` column, replayable by ``erasure evaluate``) and ``embeddings/<attack>.safetensors``
-(learned tokens in diffusers' ``load_textual_inversion`` format).
+ASR in both denominators, cost; the settings, with which judge reported and which selected), ``verdict.json`` (the
+same judge and selector records), ``prompts.csv`` and ``embeddings/<attack>.safetensors`` (learned tokens in
+diffusers' ``load_textual_inversion`` format).
+
+``prompts.csv`` holds the adversarial prompts in the field's schema (``case_number, prompt, evaluation_seed,
+concept, type, classes``) plus ``attack``, the attacked row's ``case``, its ``anchor`` and ``erased_concept``, and
+the probe's ``evaluation_guidance``: :func:`erasure.prompt_sets.load_prompt_csv` reads it, so ``erasure evaluate
+--prompts prompts.csv`` replays the attacks on any other model (transfer). Inversion rows name their placeholder
+(``token``) and the ``embedding`` file it needs.
 """
 
 from __future__ import annotations
@@ -28,13 +34,14 @@ import io
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from erasure.attacks import ATTACKS, get_attack
-from erasure.attacks.base import AttackContext, AttackError, AttackResult, evaluation_rows
-from erasure.attacks.embedding import save_learned_embeds
+from erasure.attacks.base import AttackError, AttackResult, evaluation_rows
+from erasure.attacks.context import AttackContext
+from erasure.attacks.override import save_learned_embeds
 from erasure.attacks.verdict import attack_metrics, decide, rate_interval
 from erasure.concepts import Concept
 from erasure.files import atomic_path
@@ -42,7 +49,7 @@ from erasure.prompt_sets import save_prompt_csv
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["REFERENCE_SURFACES", "SUITES", "run_probe"]
+__all__ = ["REFERENCE_SURFACES", "SUITES", "check_out", "run_probe"]
 
 _QUICK = ("paraphrase", "ring_a_bell", "trajectory", "noise", "inpaint")
 _STANDARD = (*_QUICK, "unlearndiffatk", "p4d", "inversion")
@@ -76,7 +83,8 @@ def _column_records(name: str, model: str, rows, prompts, hits) -> list[dict[str
     ]  # fmt: skip
 
 
-def _check_out(out: Path | None, overwrite: bool) -> None:
+def check_out(out: Path | None, overwrite: bool) -> None:
+    """Refuse an existing, non-empty output folder (or a file) unless ``overwrite``."""
     if out is None:
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -95,8 +103,10 @@ def run_probe(
     *,
     preset: str = "toy",
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    attacks: Sequence[str] | None = None,
     allow_selector_as_judge: bool = False,
     overwrite: bool = False,
+    provenance: Mapping[str, Any] | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Run the suite's attacks on ``edit`` and return the summary (verdict included); write it to ``out``.
@@ -108,14 +118,18 @@ def run_probe(
         judge: ``images -> list[bool]``, scores every reported image.
         selector: ``images -> list[float]``, chooses inside searches (must not be ``judge`` unless allowed).
         suite: ``quick``, ``standard`` or ``full``.
+        attacks: Run exactly these registered attacks instead of the suite's (``erasure attack NAME``).
         reference: A pipeline of the same architecture that never learned the concept (capacity control).
         out: Output folder, written atomically at the end; nothing is written without it.
         preset: Every attack's preset (``toy`` or ``paper``).
         options: Per-attack config overrides, ``{"noise": {"etas": [1.0]}}``.
         allow_selector_as_judge: Permit ``selector is judge`` (recorded).
         overwrite: Replace an existing non-empty ``out``.
-        **settings: :class:`~erasure.attacks.base.AttackContext` generation settings (``steps``, ``guidance``,
-            ``images_per_prompt``, ``base_seed``, ``batch_size``, ``size``, ``scale``).
+        provenance: What the models are (paths, kinds), recorded as the summary's ``models``.
+        **settings: :class:`~erasure.attacks.context.AttackContext` settings (``steps``, ``guidance``,
+            ``images_per_prompt``, ``base_seed``, ``batch_size``, ``size``, ``scale``, ``suppression``,
+            ``negative_prompt``). ``suppression="negative-prompt"`` without a negative prompt uses the concept's
+            words; the reference model never gets the suppression.
 
     Returns:
         The summary: ``{concept, suite, preset, settings, columns, attacks: {name: {...}}, verdict, cost}``.
@@ -125,25 +139,44 @@ def run_probe(
             the flag, or an existing ``out`` (checked before any work).
         erasure.edit.FingerprintMismatchError: If the edit was made from another base model.
     """
-    if suite not in SUITES:
-        raise AttackError(f"Unknown suite {suite!r}; choose from {', '.join(SUITES)}.")
     out = Path(out) if out is not None else None
-    _check_out(out, overwrite)
+    check_out(out, overwrite)
+    if attacks is not None:
+        names = list(dict.fromkeys(a.lower() for a in attacks))
+        missing = [name for name in names if name not in ATTACKS]
+        if not names or missing:
+            raise AttackError(
+                f"unknown attack(s) {', '.join(missing) or '(none given)'}; choose from {', '.join(sorted(ATTACKS))}."
+            )
+        suite = "custom"
+    elif suite not in SUITES:
+        raise AttackError(f"Unknown suite {suite!r}; choose from {', '.join(SUITES)}.")
+    else:
+        names = [name for name in SUITES[suite] if name in ATTACKS]
+        for name in sorted(set(SUITES[suite]) - set(names)):
+            logger.warning("Suite '%s': attack '%s' is not available; skipped.", suite, name)
     options = dict(options or {})
-    names = [name for name in SUITES[suite] if name in ATTACKS]
-    for name in sorted(set(SUITES[suite]) - set(names)):
-        logger.warning("Suite '%s': attack '%s' is not available; skipped.", suite, name)
     unknown = sorted(set(options) - set(ATTACKS))
     if unknown:
         raise AttackError(f"options name unknown attack(s) {', '.join(unknown)}; known: {', '.join(sorted(ATTACKS))}.")
-    attacks = {name: get_attack(name, preset, **options.get(name, {})) for name in names}  # bad options fail here
+    idle = sorted(set(options) - set(names))
+    if idle:
+        raise AttackError(
+            f"options for attack(s) {', '.join(idle)}, which this run does not run ({', '.join(names)})."
+        )
+    chosen = {name: get_attack(name, preset, **options.get(name, {})) for name in names}  # bad options fail here
+    if settings.get("suppression") and not settings.get("negative_prompt"):
+        settings["negative_prompt"] = ", ".join(concept.concept_words)
     ctx = AttackContext(pipe, edit, judge, selector, allow_selector_as_judge=allow_selector_as_judge, **settings)
     reference_ctx = None
     if reference is not None:
+        plain = {k: v for k, v in settings.items() if k not in ("suppression", "negative_prompt")}
         reference_ctx = AttackContext(
-            reference, None, judge, selector, allow_selector_as_judge=allow_selector_as_judge, **settings
+            reference, None, judge, selector, allow_selector_as_judge=allow_selector_as_judge, **plain
         )
     rows = evaluation_rows(concept, ctx.images_per_prompt, ctx.base_seed)
+    for attack in chosen.values():  # settings an attack cannot run with fail before any image is made
+        attack.check(ctx)
     prompts, seeds = [r.prompt for r in rows], [r.evaluation_seed for r in rows]
 
     with ctx.meter() as columns_cost:
@@ -153,7 +186,7 @@ def run_probe(
     records += _column_records("none", "edited", rows, prompts, edited_hits)
     results: dict[str, AttackResult] = {}
     reference_results: dict[str, AttackResult] = {}
-    for name, attack in attacks.items():
+    for name, attack in chosen.items():
         logger.info("Probe: running %s (%s).", name, attack.surface)
         results[name] = attack.run(ctx, concept)
         records += results[name].records
@@ -179,6 +212,10 @@ def run_probe(
             "notes": {k: v for k, v in result.notes.items() if k not in ("losses", "settings")},
         }
     verdict = decide({"base": base_hits, "edited": edited_hits}, summary_attacks, reference=reference is not None)
+    settings_record = ctx.settings()
+    verdict["judge"], verdict["selector"] = settings_record["judge"], settings_record["selector"]
+    verdict["selector_is_judge"] = settings_record["selector_is_judge"]
+    verdict["suppression"] = settings_record["suppression"]
     total = dict(columns_cost.summary())
     for result in [*results.values(), *reference_results.values()]:
         for key, value in result.cost.items():
@@ -187,7 +224,9 @@ def run_probe(
         "concept": concept.name,
         "suite": suite,
         "preset": preset,
-        "settings": ctx.settings(),
+        "attacks_run": list(chosen),
+        "models": dict(provenance or {}),
+        "settings": settings_record,
         "rows": len(rows),
         "case_numbers": case_ids,
         "columns": {
@@ -226,8 +265,10 @@ def _write(
                 type(row)(i, row.prompt, row.evaluation_seed, row.concept, row.row_type, row.classes, row.extra)
                 for i, row in enumerate(prompt_rows)
             ]  # case numbers must be unique in one file; the original is kept as the "case" column
+            guidance = summary["settings"]["guidance"]
             for row, original in zip(renumbered, prompt_rows, strict=True):
                 row.extra["case"] = str(original.case_number)
+                row.extra["evaluation_guidance"] = f"{guidance:g}"  # a replay uses the probe's scale
             save_prompt_csv(renumbered, temporary / "prompts.csv")
         for name, result in results.items():
             learned = {k: v for k, v in result.embeddings.items() if v.ndim == 1}

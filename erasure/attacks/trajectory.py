@@ -7,7 +7,8 @@ arXiv 2505.17013), the diffusion-completion probe. With the DDIM timesteps ``tau
     x_{tau_k} = DDIM_theta(x_T, c; steps 0 .. k-1)          (the base model, k steps)
     x_0       = DDIM_theta*(x_{tau_k}, c; steps k .. N-1)   (the edited model finishes)
 
-``k = 0`` is the edited model's own generation and ``k = N`` the base model's (both tested). An edit that only
+``k = 0`` is the edited model's own generation and ``k = N`` the base model's (both tested; also under the
+context's negative-prompt suppression, which only the edited half uses). An edit that only
 redirects the text guidance lets a trajectory that has already committed to the concept land on it; an edit that
 removed the concept pulls it off. The base prefix is run once per row to the largest ``k``, keeping each handoff
 state, and the selector picks the best handoff per row.
@@ -22,8 +23,9 @@ import numpy as np
 import torch
 
 from erasure.attacks import register
-from erasure.attacks.base import Attack, AttackConfig, AttackContext, AttackError, AttackResult
-from erasure.attacks.sampler import decode, sample, seeded_noise
+from erasure.attacks.base import Attack, AttackConfig, AttackError, AttackResult
+from erasure.attacks.context import AttackContext
+from erasure.attacks.sampler import decode, seeded_noise
 from erasure.concepts import Concept
 from erasure.prompt_sets import PromptRow
 
@@ -60,13 +62,12 @@ def complete(
                 states[i + 1] = x.clone()
             return x
 
-        with ctx.model("base") as pipe:
+        with ctx.model("base"):
             if wanted[-1] > 0:
-                sample(pipe, cond, noise, steps=ctx.steps, guidance=ctx.guidance, stop=wanted[-1], on_step=keep)
+                ctx.sample(cond, noise, stop=wanted[-1], on_step=keep)
         with ctx.model("edited") as pipe:
             for k in wanted:
-                latents = sample(pipe, cond, states[k], steps=ctx.steps, guidance=ctx.guidance, start=k)
-                out[k].append(decode(pipe, latents))
+                out[k].append(decode(pipe, ctx.sample(cond, states[k], start=k)))
     return [np.concatenate(out[int(k)]) for k in handoffs]
 
 
@@ -91,6 +92,13 @@ class TrajectoryCompletion(Attack):
 
     surface = "trajectory"
     config_class = TrajectoryConfig
+
+    def check(self, ctx: AttackContext) -> None:  # noqa: D102
+        if max(self.config.handoffs) > ctx.steps:
+            raise AttackError(
+                f"trajectory: handoffs {list(self.config.handoffs)} exceed the {ctx.steps} DDIM steps of the probe; "
+                f"set handoffs within [0, {ctx.steps}] (--set trajectory.handoffs=[...]) or use more --steps."
+            )
 
     def _run(self, ctx: AttackContext, concept: Concept, rows: list[PromptRow]) -> AttackResult:
         handoffs = list(self.config.handoffs)

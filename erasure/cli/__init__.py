@@ -18,6 +18,7 @@ from erasure.cli.erase import _add_erase, _add_list
 from erasure.cli.evaluate import _add_evaluate, _default_clip
 from erasure.cli.options import COMMAND_HELP, Parser
 from erasure.cli.outputs import _add_demo, _add_export, _add_grid, _add_report
+from erasure.cli.probe import _add_attack, _add_probe
 
 __all__ = ["COMMANDS", "COMMAND_HELP", "build_parser", "main", "requested_command"]
 _ = _default_clip  # re-exported for tests of the evaluate command's CLIP default
@@ -32,6 +33,8 @@ COMMANDS = {
     "list": _add_list,
     "grid": _add_grid,
     "report": _add_report,
+    "probe": _add_probe,
+    "attack": _add_attack,
 }
 
 

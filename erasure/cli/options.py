@@ -19,6 +19,8 @@ COMMAND_HELP = {
     "list": "list erasure methods with their options and defaults",
     "grid": "labelled image grid: base model against each edit, same prompt and seed per row",
     "report": "one self-contained HTML page of evaluations: grids, metrics, provenance, strength sweeps",
+    "probe": "attack an erased model: is the concept removed from the weights or only suppressed? (verdict)",
+    "attack": "run one attack or probe of erasure probe on an erased model",
 }
 
 

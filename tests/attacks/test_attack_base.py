@@ -4,7 +4,8 @@ import torch
 from attack_helpers import CONCEPT, brightness_judge, red_selector, tiny, tiny_edit, unet_fingerprint
 
 import erasure.attacks as attacks
-from erasure.attacks.base import AttackConfig, AttackContext, AttackError, evaluation_rows, replace_words
+from erasure.attacks.base import AttackConfig, AttackError, evaluation_rows, replace_words
+from erasure.attacks.context import AttackContext
 from erasure.attacks.sampler import decode, eta_ddim_step, sample, seeded_noise
 from erasure.concepts import Concept
 from erasure.diffusion import encode_prompts

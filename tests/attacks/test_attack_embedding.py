@@ -2,19 +2,22 @@ import pytest
 import torch
 from attack_helpers import CONCEPT, brightness_judge, red_selector, tiny, tiny_edit
 
-from erasure.attacks.base import AttackContext, AttackError, evaluation_rows
-from erasure.attacks.embedding import (
+from erasure.attacks.base import AttackError, evaluation_rows
+from erasure.attacks.context import AttackContext
+from erasure.attacks.optimise import (
     DenoiseObjective,
-    EmbeddingOverride,
     EmbedObjective,
     MatchObjective,
-    build_slots,
     concept_latents,
-    encode_ids,
-    encode_layouts,
     make_parametrisation,
     optimise,
     project_simplex,
+)
+from erasure.attacks.override import (
+    EmbeddingOverride,
+    build_slots,
+    encode_ids,
+    encode_layouts,
     slot_text,
     token_embedding,
     vocabulary_ids,

@@ -4,7 +4,8 @@ import torch
 from attack_helpers import CONCEPT, brightness_judge, red_selector, tiny, tiny_edit, unet_fingerprint
 
 import erasure.attacks as attacks
-from erasure.attacks.base import AttackContext, AttackError, evaluation_rows
+from erasure.attacks.base import AttackError, evaluation_rows
+from erasure.attacks.context import AttackContext
 from erasure.attacks.inpaint import centre_mask, inpaint
 from erasure.attacks.trajectory import complete
 from erasure.edit import fingerprint
@@ -85,7 +86,7 @@ def test_inversion_round_trips_through_load_textual_inversion(tmp_path):
     assert len(pipe.tokenizer) == vocabulary  # the token is gone again, and every tensor is as it was
     assert unet_fingerprint(pipe) == before_unet
     assert fingerprint(dict(pipe.text_encoder.named_parameters())) == before_text
-    from erasure.attacks.embedding import save_learned_embeds, token_embedding
+    from erasure.attacks.override import save_learned_embeds, token_embedding
 
     vector = result.embeddings["<concept>"]
     path = save_learned_embeds(tmp_path / "learned_embeds.safetensors", "<concept>", vector)

@@ -4,7 +4,7 @@ import json
 import pytest
 from attack_helpers import CONCEPT, brightness_judge, red_selector, tiny, tiny_edit, unet_fingerprint
 
-from erasure.attacks.base import AttackError
+from erasure.attacks.base import AttackError, evaluation_rows
 from erasure.attacks.suite import run_probe
 from erasure.concepts import Concept
 from erasure.prompt_sets import load_prompt_csv
@@ -35,7 +35,8 @@ def test_quick_probe_writes_its_tables_atomically(tmp_path):
         records = list(csv.DictReader(file))
     assert {r["attack"] for r in records} == {"none", *summary["attacks"]}
     assert sum(r["attack"] == "none" for r in records) == 4  # base and edited columns
-    assert {row.extra["attack"] for row in load_prompt_csv(out / "prompts.csv")} == {"paraphrase"}
+    assert summary["settings"]["judge"] == {"callable": "attack_helpers.brightness_judge"}
+    assert json.loads((out / "verdict.json").read_text())["selector"] == {"callable": "attack_helpers.red_selector"}
     with pytest.raises(AttackError, match="exists and is not empty"):
         run_probe(pipe, None, CONCEPT, brightness_judge, red_selector, out=out)
 
@@ -55,3 +56,26 @@ def test_probe_refuses_bad_input_before_any_work(tmp_path):
     with pytest.raises(AttackError, match="unknown attack"):
         run_probe(pipe, None, CONCEPT, brightness_judge, red_selector, options={"nope": {}})
     assert not (tmp_path / "x").exists()
+
+
+def test_adversarial_prompts_are_a_replayable_prompt_csv(tmp_path):
+    from erasure.evaluation import prompt_rows
+
+    pipe = tiny()
+    out = tmp_path / "probe"
+    run_probe(
+        pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, attacks=["paraphrase"], out=out, steps=2,
+        options={"paraphrase": {"rewordings": 2, "seeds": 1}}, images_per_prompt=2, guidance=6.0,
+    )  # fmt: skip
+    header = (out / "prompts.csv").read_text().splitlines()[0].split(",")
+    assert header[:6] == ["case_number", "prompt", "evaluation_seed", "concept", "type", "classes"]
+    assert {"attack", "case", "anchor", "erased_concept", "evaluation_guidance"} <= set(header)
+    rows = load_prompt_csv(out / "prompts.csv")
+    held_out = evaluation_rows(CONCEPT, 2)
+    assert len(rows) == len(held_out) and len({r.case_number for r in rows}) == len(rows)
+    for row, original in zip(rows, held_out, strict=True):
+        assert row.extra["attack"] == "paraphrase" and row.extra["case"] == str(original.case_number)
+        assert (row.concept, row.row_type, row.classes) == (original.concept, original.row_type, original.classes)
+        assert row.extra["erased_concept"] == "Pip" and row.extra["evaluation_guidance"] == "6"
+    replayed, source, _ = prompt_rows(prompts=out / "prompts.csv")  # what erasure evaluate --prompts reads
+    assert [r.prompt for r in replayed] == [r.prompt for r in rows] and source.kind == "csv"

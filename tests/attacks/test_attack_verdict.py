@@ -29,6 +29,17 @@ def test_rate_interval_is_a_seeded_percentile_bootstrap():
     assert rate_interval([])["rate"] is None
 
 
+def test_rates_and_recovery_use_the_evaluations_intervals():
+    from erasure.evaluation.functional import bootstrap_interval, paired_ratio_interval
+
+    base, edited, attacked = flags(30, 40), flags(2, 40), flags(18, 40)
+    metrics = attack_metrics(base, edited, attacked)
+    for key, column in (("base", base), ("edited", edited), ("attacked", attacked)):
+        assert (metrics[key]["low"], metrics[key]["high"]) == bootstrap_interval(column)
+    assert metrics["recovery"] == pytest.approx(18 / 30)
+    assert tuple(metrics["recovery_interval"]) == paired_ratio_interval(base, attacked)
+
+
 def test_gap_closed_on_hand_made_rates():
     base, edited = flags(40, 40), flags(0, 40)
     assert gap_closed(base, edited, flags(20, 40))["value"] == pytest.approx(0.5)

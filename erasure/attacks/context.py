@@ -1,0 +1,326 @@
+"""The probe context: one pipeline, the edit under test, the judge and the selector, and one way to generate.
+
+:class:`AttackContext` holds one pipeline and the edit under test. ``ctx.model("base")`` and ``ctx.model("edited")``
+are ``with`` blocks in which the pipeline holds that model's weights: the edit is applied
+(:meth:`erasure.edit.Edit.apply_to`) only inside an ``edited`` block and reverted bit for bit when it ends, also on
+failure, so no second UNet is needed and the pipeline always ends as it was given.
+
+Every image an attack reports is judged by ``ctx.judge`` (``images -> list[bool]``: shows the target); choices made
+inside a search (best variant, early stop) use ``ctx.selector`` (``images -> list[float]``, higher = more
+target-like). The two must differ: a search that selects with the judge that then scores it reports "exists a
+variant the judge accepts", inflated by the judge's own false positives (pitfall 1 of UnlearnDiffAtk's and
+WhenAreConceptsErased's code); the context refuses it unless ``allow_selector_as_judge=True``, and the result
+records it. :mod:`erasure.attacks.judges` builds both from the evaluation's judges.
+
+Every image comes from one sampler (:mod:`erasure.attacks.sampler`) through :meth:`AttackContext.generate` or
+:meth:`AttackContext.sample`, so base, edited and attacked columns differ only by what the attack changed.
+
+**Suppression without weights.** ``suppression="negative-prompt"`` is the baseline that only hides a concept: no
+weight changes, but the *edited* side generates with ``negative_prompt`` (the concept) in place of the empty
+prompt of classifier-free guidance, ``eps_neg + w (eps_c - eps_neg)``. :meth:`AttackContext.sample` honours it
+whenever the pipeline holds the edited model, so every attack's edited images carry it and the base model's never
+do; losses without guidance (the embedding objectives, relearning's fine-tuning) are unaffected, as they are by a
+negative prompt in practice. It is the verdict's sanity check: such a baseline must come out "suppressed".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from erasure.attacks.base import MODELS, AttackError, Judge, Selector
+from erasure.attacks.cost import CostMeter
+from erasure.attacks.judges import describe_callable, same_judge
+from erasure.attacks.sampler import decode, sample, seeded_noise
+from erasure.diffusion import Conditioning, encode_prompts
+from erasure.edit import Edit
+from erasure.prompt_sets import PromptRow
+
+__all__ = ["SUPPRESSIONS", "AttackContext"]
+
+#: Ways the edited side may hide a concept without an edit (``None``: it does not).
+SUPPRESSIONS: tuple[str, ...] = ("negative-prompt",)
+
+
+class AttackContext:
+    """The pipeline, the edit under test, the judge and selector, and the generation settings of a probe.
+
+    Args:
+        pipe: The base pipeline (as loaded; it ends every call with these weights).
+        edit: The edit under test; ``None`` tests the pipeline as loaded (edited = base).
+        judge: ``images -> list[bool]``: each uint8 ``(H, W, 3)`` image shows the target. Scores every
+            reported image.
+        selector: ``images -> list[float]``, higher = more target-like; used inside searches only.
+        allow_selector_as_judge: Permit a selector that is the judge (the same callable, or
+            :mod:`erasure.attacks.judges` callables over one model); the settings then say so.
+        steps: DDIM steps of every generation.
+        guidance: CFG scale of every generation.
+        images_per_prompt: Seeds per evaluate prompt (image ``j`` has seed ``base_seed + j``).
+        base_seed: Seed of each prompt's first image.
+        batch_size: Images per sampler call.
+        size: Image side (the model's native size by default).
+        scale: Strength at which the edit is applied.
+        suppression: ``"negative-prompt"``: the edited side generates with ``negative_prompt`` as the negative
+            prompt (module docstring); ``None``: it does not.
+        negative_prompt: The negative prompt of ``suppression="negative-prompt"`` (the concept's words).
+
+    Raises:
+        AttackError: If judge or selector is not callable, they are the same without the flag, a setting is out of
+            range, or a suppression is unknown, lacks its negative prompt or has no guidance to act through.
+        erasure.edit.FingerprintMismatchError: If the edit was made from another base model.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        edit: Edit | None,
+        judge: Judge,
+        selector: Selector,
+        *,
+        allow_selector_as_judge: bool = False,
+        steps: int = 25,
+        guidance: float = 7.5,
+        images_per_prompt: int = 1,
+        base_seed: int = 0,
+        batch_size: int = 16,
+        size: int | None = None,
+        scale: float = 1.0,
+        suppression: str | None = None,
+        negative_prompt: str | None = None,
+    ) -> None:
+        if not callable(judge) or not callable(selector):
+            raise AttackError("judge and selector must both be callables taking a uint8 (N, H, W, 3) image array.")
+        same = same_judge(judge, selector)
+        if same and not allow_selector_as_judge:
+            raise AttackError(
+                "The selector is the judge: a search that selects with the judge it is scored by reports the judge's "
+                "false positives as successes. Pass a different selector, or allow_selector_as_judge=True "
+                "(--allow-selector-as-judge) to do it anyway (it is recorded)."
+            )
+        if int(steps) < 1 or int(batch_size) < 1 or int(images_per_prompt) < 1:
+            raise AttackError("steps, batch_size and images_per_prompt must each be at least 1.")
+        if suppression is not None:
+            if suppression not in SUPPRESSIONS:
+                raise AttackError(f"Unknown suppression {suppression!r}; choose from {', '.join(SUPPRESSIONS)}.")
+            if not (negative_prompt or "").strip():
+                raise AttackError("suppression='negative-prompt' needs the negative prompt (the concept's words).")
+            if float(guidance) <= 1.0:
+                raise AttackError(
+                    f"A negative prompt acts through classifier-free guidance; guidance {guidance:g} <= 1 has none."
+                )
+        if edit is not None:
+            edit.check_base(pipe)
+        self.pipe = pipe
+        self.edit = edit
+        self.judge = judge
+        self.selector = selector
+        self.selector_is_judge = same
+        self.steps = int(steps)
+        self.guidance = float(guidance)
+        self.images_per_prompt = int(images_per_prompt)
+        self.base_seed = int(base_seed)
+        self.batch_size = int(batch_size)
+        self.size = size
+        self.scale = float(scale)
+        self.suppression = suppression
+        self.negative_prompt = negative_prompt.strip() if suppression is not None and negative_prompt else None
+        self._state = "base"
+        self._base_cache: dict[tuple[str, int], np.ndarray] = {}
+
+    def settings(self) -> dict[str, Any]:
+        """The generation settings, for results."""
+        return {
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "images_per_prompt": self.images_per_prompt,
+            "base_seed": self.base_seed,
+            "size": self.size,
+            "edit_scale": self.scale,
+            "judge": describe_callable(self.judge),
+            "selector": describe_callable(self.selector),
+            "selector_is_judge": self.selector_is_judge,
+            "sampler": "ddim",
+            "suppression": self.suppression,
+            "negative_prompt": self.negative_prompt,
+        }
+
+    # -- models --------------------------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """Which model the pipeline holds now: ``base`` or ``edited``."""
+        return self._state
+
+    @contextlib.contextmanager
+    def model(self, which: str) -> Iterator[Any]:
+        """The pipeline holding ``which`` model's weights for the block (``base`` or ``edited``); yields it.
+
+        Blocks nest: ``model("base")`` inside an ``edited`` block reverts the edit for its duration and applies it
+        again after. The edit is applied exactly around its use and reverted bit for bit, also on failure.
+        """
+        if which not in MODELS:
+            raise AttackError(f"model must be one of {', '.join(MODELS)}, got {which!r}.")
+        if which == self._state or self.edit is None:
+            previous = self._state
+            self._state = which
+            try:
+                yield self.pipe
+            finally:
+                self._state = previous
+            return
+        if which == "edited":
+            self.edit.apply_to(self.pipe, scale=self.scale, check=False)  # checked once, in __init__
+        else:
+            self.edit.revert(self.pipe)
+        self._state = which
+        try:
+            yield self.pipe
+        finally:
+            if which == "edited":
+                self.edit.revert(self.pipe)
+                self._state = "base"
+            else:
+                self.edit.apply_to(self.pipe, scale=self.scale, check=False)
+                self._state = "edited"
+
+    def meter(self) -> CostMeter:
+        """A fresh :class:`CostMeter` on this pipeline (enter it with ``with``)."""
+        return CostMeter(self.pipe)
+
+    # -- generation ----------------------------------------------------------------------------------------------
+
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        """Prompt embeddings of the pipeline's text encoder (which no edit of a UNet changes)."""
+        return encode_prompts(self.pipe, list(prompts))
+
+    def unconditional(self, which: str | None = None) -> Conditioning | None:
+        """The negative conditioning of CFG for model ``which`` (default: the model the pipeline holds now).
+
+        The negative prompt's embedding on the edited side under ``suppression="negative-prompt"``; ``None``
+        otherwise (the sampler then uses the pipeline's empty prompt).
+        """
+        which = self._state if which is None else which
+        if which == "edited" and self.suppression == "negative-prompt":
+            return self.encode([self.negative_prompt])
+        return None
+
+    def sample(self, conditioning: Conditioning, latents: Tensor, **sample_kwargs: Any) -> Tensor:
+        """:func:`erasure.attacks.sampler.sample` on the pipeline as it is now (call it inside a model block).
+
+        The context's ``steps`` and ``guidance`` and the held model's negative conditioning
+        (:meth:`unconditional`) unless ``sample_kwargs`` set them.
+        """
+        settings = {"steps": self.steps, "guidance": self.guidance, "unconditional": self.unconditional()}
+        return sample(self.pipe, conditioning, latents, **(settings | sample_kwargs))
+
+    def generate(
+        self,
+        which: str,
+        conditioning: Conditioning | Sequence[str],
+        seeds: Sequence[int],
+        **sample_kwargs: Any,
+    ) -> np.ndarray:
+        """Images of model ``which`` from prompts (or embeddings) and seeds, in batches, via :func:`sample`.
+
+        Args:
+            which: ``base`` or ``edited``.
+            conditioning: One prompt, or one embedding row, per seed.
+            seeds: One seed per image.
+            **sample_kwargs: Passed to :meth:`sample` (``eta``, ``on_step`` ...).
+
+        Returns:
+            uint8 ``(N, H, W, 3)``.
+        """
+        if len(conditioning) != len(seeds):
+            raise AttackError(f"got {len(conditioning)} prompts for {len(seeds)} seeds; give one per image.")
+        images = []
+        with self.model(which) as pipe:
+            for start in range(0, len(seeds), self.batch_size):
+                stop = min(start + self.batch_size, len(seeds))
+                part = conditioning[start:stop]
+                cond = self.encode(part) if not isinstance(part, Conditioning) else part
+                latents, generators = seeded_noise(pipe, seeds[start:stop], self.size)
+                latents = self.sample(cond, latents, generators=generators, **sample_kwargs)
+                images.append(decode(pipe, latents))
+        return np.concatenate(images)
+
+    def base_images(self, rows: Sequence[PromptRow]) -> np.ndarray:
+        """The base model's images of ``rows`` (prompt, seed), generated once per context and cached."""
+        missing = [row for row in rows if (row.prompt, row.evaluation_seed) not in self._base_cache]
+        missing = list({(r.prompt, r.evaluation_seed): r for r in missing}.values())
+        if missing:
+            made = self.generate("base", [r.prompt for r in missing], [r.evaluation_seed for r in missing])
+            for row, image in zip(missing, made, strict=True):
+                self._base_cache[(row.prompt, row.evaluation_seed)] = image
+        return np.stack([self._base_cache[(row.prompt, row.evaluation_seed)] for row in rows])
+
+    # -- judging -------------------------------------------------------------------------------------------------
+
+    def judge_images(self, images: np.ndarray) -> list[bool]:
+        """The judge's verdicts (one bool per image); checks the judge's answer."""
+        verdicts = list(self.judge(images))
+        if len(verdicts) != len(images):
+            raise AttackError(f"The judge returned {len(verdicts)} verdicts for {len(images)} images.")
+        return [bool(v) for v in verdicts]
+
+    def select_scores(self, images: np.ndarray) -> list[float]:
+        """The selector's scores (one float per image, higher = more target-like)."""
+        scores = [float(s) for s in self.selector(images)]
+        if len(scores) != len(images):
+            raise AttackError(f"The selector returned {len(scores)} scores for {len(images)} images.")
+        return scores
+
+    def best_of(
+        self,
+        rows: Sequence[PromptRow],
+        variants: Sequence[np.ndarray],
+        params: Sequence[Mapping[str, Any] | Sequence[Mapping[str, Any]]],
+        *,
+        model: str,
+        attack: str,
+    ) -> tuple[list[bool], np.ndarray, list[dict[str, Any]]]:
+        """Pick each row's best variant by the selector, then judge only the picked images.
+
+        Args:
+            rows: The evaluation rows.
+            variants: ``V`` arrays of ``len(rows)`` images each (variant ``v`` of row ``i`` is ``variants[v][i]``).
+            params: Per variant, one dict describing it (recorded), or one dict per row; a ``prompt`` or ``seed``
+                key overrides the row's in the record.
+            model: ``base`` or ``edited`` (recorded).
+            attack: The attack's name (recorded).
+
+        Returns:
+            ``(hits, picked images, records)``: one hit per row (the judge on the picked variant, ASR@V), and one
+            record per (variant, row), with its selector score, whether it was picked, and the judge's verdict on
+            the picked ones.
+        """
+        if len(variants) != len(params) or not variants:
+            raise AttackError("best_of needs one parameter dict per variant, and at least one variant.")
+        scores = np.array([self.select_scores(images) for images in variants])  # (V, N)
+        best = scores.argmax(0)  # ties: the first variant
+        picked = np.stack([variants[v][i] for i, v in enumerate(best)])
+        hits = self.judge_images(picked)
+        records = []
+        for v, shared in enumerate(params):
+            for i, row in enumerate(rows):
+                description = shared if isinstance(shared, Mapping) else shared[i]
+                chosen = int(best[i]) == v
+                records.append(
+                    {
+                        "attack": attack,
+                        "model": model,
+                        "case_number": row.case_number,
+                        "prompt": description.get("prompt", row.prompt),
+                        "seed": description.get("seed", row.evaluation_seed),
+                        "variant": v,
+                        "params": {k: val for k, val in description.items() if k not in ("prompt", "seed")},
+                        "selector_score": float(scores[v, i]),
+                        "selected": chosen,
+                        "shows_target": hits[i] if chosen else None,
+                    }
+                )
+        return hits, picked, records
