@@ -154,3 +154,15 @@ def test_best_of_judges_only_the_selected_variant():
     hits, picked, records = ctx.best_of(rows, [dark, red], [{"v": 0}, {"v": 1}], model="edited", attack="x")
     assert judged == [2] and hits == [True, True] and (picked == red).all()
     assert [r["selected"] for r in records] == [False, False, True, True]
+
+
+def test_every_attack_module_registers_an_attack_and_shared_modules_none():
+    """A new shared module must be listed in _SHARED_MODULES, or the registry would import it as an attack."""
+    import pkgutil
+
+    import erasure.attacks as attacks
+
+    by_module = {cls.__module__.rpartition(".")[2] for cls in attacks.ATTACKS.values()}
+    modules = {m.name for m in pkgutil.iter_modules(attacks.__path__) if not m.name.startswith("_")}
+    assert modules - attacks._SHARED_MODULES == by_module, "list shared modules in erasure/attacks/_SHARED_MODULES"
+    assert not by_module & attacks._SHARED_MODULES
