@@ -38,10 +38,8 @@ import argparse
 import hashlib
 import json
 import platform
-import sys
 import time
 from collections import Counter
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +57,6 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("uce", "esd-x", "esd-u", "resteer")
 CONCEPTS = ("pip", "striped", "triangle", "red")
 TARGET_RATE_GOAL, NEIGHBOUR_RATIO_GOAL = 0.05, 0.95
-PACKAGES = ("erasure", "torch", "diffusers", "transformers", "open_clip_torch", "numpy", "safetensors")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -371,14 +368,10 @@ def markdown_row(result: dict[str, Any]) -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python, the platform and the packages that make the numbers."""
-    found = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for package in PACKAGES:
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
+    """Versions of Python, the platform and the packages that make the numbers (the evaluator's own record)."""
+    from erasure.evaluation.results import package_versions
+
+    return {"platform": platform.platform(), **package_versions(extra=("numpy", "safetensors"))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,9 +34,7 @@ import argparse
 import json
 import math
 import platform
-import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +50,6 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("uce", "esd-x", "esd-u", "resteer", "negative-prompt")
 CONCEPTS = ("pip", "striped", "triangle", "red")
 BASELINE = "negative-prompt"
-PACKAGES = ("erasure", "torch", "diffusers", "transformers", "open_clip_torch", "numpy")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -193,14 +190,10 @@ def table_row(run: dict[str, Any]) -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python, the platform and the packages that make the numbers."""
-    found = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for package in PACKAGES:
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = "not installed"
-    return found
+    """Versions of Python, the platform and the packages that make the numbers (the evaluator's own record)."""
+    from erasure.evaluation.results import package_versions
+
+    return {"platform": platform.platform(), **package_versions(extra=("numpy",))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,8 +102,8 @@ JUDGE_COLUMNS: tuple[str, ...] = (
 logger = logging.getLogger(__name__)
 
 
-def package_versions() -> dict[str, str]:
-    """Versions of Python and the packages that decide the numbers."""
+def package_versions(extra: Sequence[str] = ()) -> dict[str, str]:
+    """Versions of Python and the packages that decide the numbers (plus the ``extra`` distributions named)."""
     from importlib.metadata import PackageNotFoundError, version
 
     versions = {"python": platform.python_version(), "erasure": __version__}
@@ -113,6 +113,7 @@ def package_versions() -> dict[str, str]:
         ("transformers", "transformers"),
         ("open_clip", "open_clip_torch"),
         ("accelerate", "accelerate"),
+        *((name, name) for name in extra),
     ):
         try:
             versions[key] = version(distribution)
