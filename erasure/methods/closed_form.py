@@ -23,6 +23,16 @@ every projection that shares the inputs; the inverse is never formed. With fewer
 
 which follows from ``lam A^-1 = I - A^-1 sum_i w_i c_i c_i^T``; ``A^-1 C^T`` (``d x n``) is computed once, so
 each map costs two ``n x d x out`` products instead of a ``d x d x out`` triangular solve.
+
+RECE (Gong et al., "Reliable and Efficient Concept Erasure of Text-to-Image Diffusion Models", ECCV 2024, Eq. 5 and
+its "regzero" regulariser) uses the same ridge with the roles swapped: the unknown is a text embedding ``c'`` and
+the rows are the edited maps ``W'_l`` (every key and value projection of every layer, stacked),
+
+    c' = argmin sum_l ||W'_l c' - W_l c||^2 + lam_reg ||c'||^2 = (sum_l W'_l^T W'_l + lam_reg I)^-1 sum_l W'_l^T W_l c,
+
+the embedding that makes the *edited* model's keys and values equal the *original* model's for ``c``
+(:func:`adversarial_embeddings`). Writing the stacked rows of ``W'`` as inputs and ``W c`` as targets, this is
+:meth:`RidgeSolver.solve` with ``W0 = 0``.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["RidgeSolver", "ridge_objective", "ridge_solution"]
+__all__ = ["RidgeSolver", "adversarial_embeddings", "ridge_objective", "ridge_solution"]
 
 
 def _solver_device(device: torch.device) -> torch.device:
@@ -132,3 +142,39 @@ def ridge_objective(
     residual = inputs_64 @ w.detach().double().T - targets.detach().double()
     fit = (_weights(inputs_64, weights) * residual.pow(2).sum(dim=1)).sum()
     return float(fit + lam * (w.detach().double() - w0.detach().double()).pow(2).sum())
+
+
+def adversarial_embeddings(
+    edited: list[Tensor], original: list[Tensor], embeddings: Tensor, regularisation: float
+) -> Tensor:
+    """RECE's closed-form adversarial embeddings: ``c' = (sum W'^T W' + lam_reg I)^-1 sum W'^T W c`` per row ``c``.
+
+    Args:
+        edited: The edited maps ``W'_l``, each ``[out_l, d]`` (output widths may differ between maps).
+        original: The original maps ``W_l``, in the same order and shapes.
+        embeddings: ``[n, d]`` token embeddings ``c`` of the erased concept.
+        regularisation: ``lam_reg > 0``, pulling ``c'`` towards zero (RECE's "regzero").
+
+    Returns:
+        ``[n, d]`` float64 embeddings ``c'``: through the edited maps they give (in the least-squares sense) the
+        keys and values the original maps gave ``c``.
+
+    Raises:
+        ValueError: On mismatched maps or a singular system.
+    """
+    if len(edited) != len(original) or not edited:
+        raise ValueError(f"got {len(edited)} edited and {len(original)} original maps; give the same, non-zero number")
+    for new, old in zip(edited, original, strict=True):
+        if new.shape != old.shape or new.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                f"maps of shape {tuple(new.shape)} / {tuple(old.shape)} do not fit embeddings of width "
+                f"{embeddings.shape[1]}."
+            )
+    rows = torch.cat([w.detach().to(torch.float64) for w in edited])  # [sum out_l, d]: the "inputs" of the ridge
+    device = _solver_device(rows.device)
+    rows = rows.to(device)
+    embeddings_64 = embeddings.detach().to(device, torch.float64)
+    targets = torch.cat([w.detach().to(device, torch.float64) @ embeddings_64.T for w in original])  # [sum out, n]
+    solver = RidgeSolver(rows, None, regularisation)
+    zero = torch.zeros(embeddings_64.shape, dtype=torch.float64, device=device)
+    return solver.solve(zero, targets)  # W A = sum_i (W c)_i w'_i^T, row j: c'_j^T A = c_j^T W^T W'

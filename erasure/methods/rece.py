@@ -1,0 +1,184 @@
+"""RECE: Reliable and Efficient Concept Erasure (Gong, Chen, Wei, Chen, Jiang; ECCV 2024; arXiv 2407.12383).
+
+UCE (:mod:`erasure.methods.uce`) maps the concept's token embeddings to the anchor's keys and values, but other
+embeddings can still produce the concept's original keys and values through the edited maps. RECE finds the
+embedding that does, in closed form, and erases it too, for a few epochs:
+
+1. Start from a UCE edit ``W'`` of every cross-attention key and value projection (this config's UCE fields).
+2. Each epoch, for every erase prompt with full-length token embeddings ``c`` (every position the UNet attends to,
+   padding included, as the official code), derive the adversarial embedding (paper Eq. 5, the "regzero" variant
+   of the official code, :func:`erasure.methods.closed_form.adversarial_embeddings`)::
+
+       c' = (sum_l W'_l^T W'_l + lambda_reg I)^-1 (sum_l W'_l^T W_l c)
+
+   summed over every edited key and value map ``l`` together, with ``W_l`` the original weights.
+3. UCE-edit the current weights once more so that ``c'`` maps, position by position, to the anchor's keys and
+   values *under the current weights*, ``W' c_anchor``, while the preserve prompts (and the unconditional prompt,
+   which classifier-free guidance subtracts; the official default when no preserve set is given) keep
+   ``W' c_p``; the ridge term pulls towards ``W'``. Official weights: erase 1, preserve 0.1, lambda 0.1.
+
+Defaults per concept kind, from the paper's README and the official scripts: ``lambda_reg`` 0.1 for unsafe
+content and "easy" objects, 1e-3 for art styles and "hard" objects; epochs 2 for unsafe content (3 for nudity),
+1 for styles and objects. Characters (named people) follow styles; attributes follow objects. A request with
+several kinds takes the largest epoch count; ``lambda_reg`` is per concept.
+
+The official code keeps the epoch whose validation images a classifier (NudeNet, Q16) finds cleanest. This
+implementation keeps the last epoch and selects with no judge: a judge chosen for selection would also decide the
+numbers it reports. The stats record, per epoch, how close ``W' c'`` comes to ``W c`` before and after that
+epoch's edit (``adversarial_residual``: relative error; small before an edit means the attack embedding still
+reaches the concept's keys and values).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline
+from torch import Tensor
+
+from erasure.concepts import Concept, EraseRequest
+from erasure.diffusion import encode_prompts
+from erasure.methods import register
+from erasure.methods.closed_form import RidgeSolver, adversarial_embeddings
+from erasure.methods.uce import ENCODE_CHUNK, UCE, UCEConfig
+
+logger = logging.getLogger(__name__)
+
+#: lambda_reg per concept kind (RECE README: 0.1 nudity/unsafe and easy objects, 1e-3 art and hard objects).
+REGULARISATION_BY_KIND = {"unsafe": 0.1, "object": 0.1, "attribute": 0.1, "style": 1e-3, "character": 1e-3}
+#: Epochs per concept kind (official scripts: train.py 3 for nudity, 2 for unsafe; train_artists/objects 1).
+EPOCHS_BY_KIND = {"unsafe": 2, "object": 1, "attribute": 1, "style": 1, "character": 1}
+
+
+@dataclass
+class RECEConfig(UCEConfig):
+    """RECE settings: the UCE fields configure the initial edit; the rest are RECE's (official defaults)."""
+
+    epochs: int | None = field(
+        default=None, metadata={"help": "adversarial epochs (default per concept kind: 2 unsafe, else 1)"}
+    )
+    embedding_regularisation: float | None = field(
+        default=None,
+        metadata={"help": "lambda_reg of the adversarial embedding (default per kind: 0.1 unsafe/object, 1e-3 style)"},
+    )
+    adversarial_erase_scale: float = field(default=1.0, metadata={"help": "weight of the adversarial erase rows"})
+    adversarial_preserve_scale: float = field(default=0.1, metadata={"help": "weight of the preserve rows per epoch"})
+    adversarial_lam: float = field(default=0.1, metadata={"help": "ridge strength towards the current weights"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 0):
+            raise ValueError(f"epochs must be an integer >= 0, got {self.epochs!r}.")
+        if self.embedding_regularisation is not None:
+            value = float(self.embedding_regularisation)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"embedding_regularisation must be > 0, got {self.embedding_regularisation}.")
+        for name in ("adversarial_erase_scale", "adversarial_preserve_scale", "adversarial_lam"):
+            value = float(getattr(self, name))
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
+
+    def regularisation_for(self, concept: Concept) -> float:
+        """``lambda_reg`` for one concept: the configured value, else its kind's default."""
+        if self.embedding_regularisation is not None:
+            return float(self.embedding_regularisation)
+        return REGULARISATION_BY_KIND[concept.kind]
+
+    def epochs_for(self, request: EraseRequest) -> int:
+        """Epochs for a request: the configured value, else the largest default of its concepts' kinds."""
+        if self.epochs is not None:
+            return self.epochs
+        return max(EPOCHS_BY_KIND[concept.kind] for concept in request.concepts)
+
+
+def _encode_full(pipe: DiffusionPipeline, prompts: list[str]) -> dict[str, Tensor]:
+    """Float64 ``[L, D]`` embeddings of every position the UNet attends to (``L`` = the tokenizer's length)."""
+    encoded = [
+        encode_prompts(pipe, prompts[start : start + ENCODE_CHUNK]).prompt_embeds.detach().to(torch.float64)
+        for start in range(0, len(prompts), ENCODE_CHUNK)
+    ]
+    return dict(zip(prompts, torch.cat(encoded), strict=True))
+
+
+def _relative_residual(edited: list[Tensor], original: list[Tensor], adversarial: Tensor, clean: Tensor) -> float:
+    """``||W' c' - W c|| / ||W c||`` over every map."""
+    error = sum(float((adversarial @ a.T - clean @ b.T).pow(2).sum()) for a, b in zip(edited, original, strict=True))
+    scale = sum(float((clean @ b.T).pow(2).sum()) for b in original)
+    return math.sqrt(error / max(scale, 1e-24))
+
+
+@register("rece")
+class RECE(UCE):
+    """RECE: a UCE edit, then epochs of closed-form adversarial embeddings erased in turn."""
+
+    config_class = RECEConfig
+    config: RECEConfig
+
+    def _erase(
+        self,
+        pipe: DiffusionPipeline,
+        request: EraseRequest,
+        parameters: dict[str, torch.nn.Parameter],
+        *,
+        images: Any = None,
+        progress: bool = True,
+        originals: dict[str, Tensor] | None = None,
+    ) -> dict[str, Any]:
+        """UCE (step 1), then per epoch steps 2 and 3 of the module docstring on ``parameters``."""
+        stats: dict[str, Any] = {"uce": super()._erase(pipe, request, parameters, progress=progress)}
+        config = self.config
+        epochs = config.epochs_for(request)
+        device = next(iter(parameters.values())).device
+        original = [originals[key].to(device, torch.float64) for key in parameters]
+        erase_pairs = [
+            (prompt, anchor, config.regularisation_for(concept))
+            for concept in request.concepts
+            for prompt, anchor in zip(concept.erase, concept.erase_anchors, strict=True)
+        ]
+        preserve = list(dict.fromkeys([*request.preserve_prompts, ""]))
+        prompts = list(dict.fromkeys([*(p for p, _, _ in erase_pairs), *(a for _, a, _ in erase_pairs), *preserve]))
+        embeddings = {key: value.to(device) for key, value in _encode_full(pipe, prompts).items()}
+        c_preserve = torch.cat([embeddings[prompt] for prompt in preserve])
+
+        epoch_stats = []
+        for _ in range(epochs):
+            with torch.no_grad():
+                current = [parameter.detach().to(torch.float64) for parameter in parameters.values()]
+                adversarial, clean, anchors = [], [], []
+                for prompt, anchor, regularisation in erase_pairs:
+                    adversarial.append(adversarial_embeddings(current, original, embeddings[prompt], regularisation))
+                    clean.append(embeddings[prompt])
+                    anchors.append(embeddings[anchor])
+                c_adversarial = torch.cat(adversarial).to(device)
+                c_clean, c_anchor = torch.cat(clean), torch.cat(anchors)
+                before = _relative_residual(current, original, c_adversarial, c_clean)
+                weights = torch.cat(
+                    [
+                        torch.full((len(c_adversarial),), config.adversarial_erase_scale, dtype=torch.float64),
+                        torch.full((len(c_preserve),), config.adversarial_preserve_scale, dtype=torch.float64),
+                    ]
+                )
+                solver = RidgeSolver(torch.cat([c_adversarial, c_preserve]), weights, config.adversarial_lam)
+                for parameter, w_current in zip(parameters.values(), current, strict=True):
+                    targets = torch.cat([c_anchor @ w_current.T, c_preserve @ w_current.T])  # W' c_anchor, W' c_p
+                    parameter.copy_(solver.solve(w_current, targets).to(parameter.dtype))
+                after = [parameter.detach().to(torch.float64) for parameter in parameters.values()]
+                epoch_stats.append(
+                    {
+                        "adversarial_residual_before": before,
+                        "adversarial_residual_after": _relative_residual(after, original, c_adversarial, c_clean),
+                        "adversarial_rows": len(c_adversarial),
+                    }
+                )
+            logger.info(
+                "RECE epoch %d: adversarial residual %.4f -> %.4f",
+                len(epoch_stats),
+                epoch_stats[-1]["adversarial_residual_before"],
+                epoch_stats[-1]["adversarial_residual_after"],
+            )
+        stats |= {"epochs": epochs, "epoch_stats": epoch_stats, "preserve_rows_per_epoch": len(c_preserve)}
+        return stats
