@@ -312,19 +312,7 @@ class Edit:
 
         folder = Path(folder)
         with output_lock(folder):  # the checks and the write as one step: no other writer in between
-            if folder.exists():
-                if not folder.is_dir():
-                    raise EditFormatError(f"{folder} exists and is a file; choose another output folder.")
-                if any(folder.iterdir()) and not (folder / CONFIG_NAME).is_file():
-                    raise EditFormatError(
-                        f"{folder} exists and is not an edit folder (no {CONFIG_NAME}); refusing to overwrite it: "
-                        "choose another output folder."
-                    )
-                if (folder / CONFIG_NAME).is_file() and not overwrite:
-                    raise EditFormatError(
-                        f"{folder} already holds an edit; choose another output folder, or replace it with "
-                        "overwrite=True (erasure erase --overwrite)."
-                    )
+            check_output_folder(folder, overwrite)
             with atomic_path(folder) as temporary:
                 temporary.mkdir()
                 tensors = {key: delta.contiguous() for key, delta in self.deltas.items()}
@@ -353,18 +341,15 @@ class Edit:
         from safetensors.torch import load_file
 
         folder = Path(folder)
-        if not folder.is_dir():
-            raise EditFormatError(f"No edit folder at {folder}.")
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise EditFormatError(f"{folder} is not a complete edit: {path.name} is missing.")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise EditFormatError(f"{config_path} is corrupt ({error}); save the edit again.") from error
-        if not isinstance(config, dict):
-            raise EditFormatError(f"{config_path} does not hold a JSON object; save the edit again.")
+        weights_path = folder / WEIGHTS_NAME
+        config = read_edit_config(folder)
+        if config.get("generation_time"):
+            raise EditFormatError(
+                f"{folder} holds a generation-time edit ({config.get('method')}): it changes no weights; load it "
+                "with erasure.methods.load_edit."
+            )
+        if not weights_path.is_file():
+            raise EditFormatError(f"{folder} is not a complete edit: {weights_path.name} is missing.")
         try:
             deltas = load_file(str(weights_path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
@@ -376,6 +361,49 @@ class Edit:
             deltas, config, where=str(folder), require_fingerprint=require_fingerprint, known_methods=known_methods
         )
         return cls(deltas, config)
+
+
+def check_output_folder(folder: Path, overwrite: bool) -> None:
+    """Refuse to write an edit over a file, a folder that is not an edit, or (without ``overwrite``) an edit.
+
+    Raises:
+        EditFormatError: Naming the folder and what to do.
+    """
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise EditFormatError(f"{folder} exists and is a file; choose another output folder.")
+    if any(folder.iterdir()) and not (folder / CONFIG_NAME).is_file():
+        raise EditFormatError(
+            f"{folder} exists and is not an edit folder (no {CONFIG_NAME}); refusing to overwrite it: choose another "
+            "output folder."
+        )
+    if (folder / CONFIG_NAME).is_file() and not overwrite:
+        raise EditFormatError(
+            f"{folder} already holds an edit; choose another output folder, or replace it with overwrite=True "
+            "(erasure erase --overwrite)."
+        )
+
+
+def read_edit_config(folder: str | Path) -> dict[str, Any]:
+    """The JSON object of ``folder/edit_config.json``.
+
+    Raises:
+        EditFormatError: If the folder or the file is missing, or the file is corrupt or not a JSON object.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EditFormatError(f"No edit folder at {folder}.")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise EditFormatError(f"{folder} is not a complete edit: {CONFIG_NAME} is missing.")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EditFormatError(f"{config_path} is corrupt ({error}); save the edit again.") from error
+    if not isinstance(config, dict):
+        raise EditFormatError(f"{config_path} does not hold a JSON object; save the edit again.")
+    return config
 
 
 def validate_edit(

@@ -77,12 +77,17 @@ def export_edit(
 
     Raises:
         FileExistsError: ``out`` exists.
-        ValueError: An unknown format, a non-finite scale, a single-file ``out`` without ``.safetensors``, or no
-            base model.
+        ValueError: A generation-time edit, an unknown format, a non-finite scale, a single-file ``out`` without
+            ``.safetensors``, or no base model.
     """
     from erasure.pipeline import load_pipeline
 
     out = Path(out)
+    if edit.config.get("generation_time"):
+        raise ValueError(
+            f"{edit.config.get('method')} is a generation-time edit: it changes no weights, so there is nothing to "
+            "export; sample with it through erasure (evaluate, grid, probe) or give the pipeline its setting."
+        )
     if format not in FORMATS:
         raise ValueError(f"Unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
     if out.exists():

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from erasure.suppression import active_generation_edit
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,7 +48,8 @@ def generate(
 
     The initial latents of image ``i`` are drawn from ``torch.Generator().manual_seed(seeds[i])`` on the CPU, so the
     same prompt and seed start from the same noise whatever the batch size or device (the finished image can
-    differ by float rounding between batch sizes: see the module docstring).
+    differ by float rounding between batch sizes: see the module docstring). Inside ``with edit.applied(pipe)`` of
+    a generation-time edit (:mod:`erasure.suppression`: a negative prompt, SLD) every call samples with it.
 
     Args:
         pipe: A diffusers Stable Diffusion (or SDXL) pipeline.
@@ -70,6 +73,8 @@ def generate(
     height, width = height or size, width or size
     channels = pipe.unet.config.in_channels
     shape = (channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    suppression, strength = active_generation_edit(pipe) or (None, 0.0)
+    extra = suppression.pipeline_kwargs(pipe, strength) if suppression is not None else {}  # per-image values
     images = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress or None):
         stop = min(start + batch_size, len(prompts))
@@ -80,15 +85,20 @@ def generate(
                 run_stop += 1
             generators = image_generators(seeds[run_start:run_stop])
             latents = torch.stack([torch.randn(shape, generator=g) for g in generators])
-            output = pipe(
-                list(prompts[run_start:run_stop]),
-                num_inference_steps=steps,
-                guidance_scale=scales[run_start],
-                height=height,
-                width=width,
-                latents=latents.to(pipe.device, pipe.unet.dtype),
-                output_type="np",
+            guidance = (
+                suppression.guidance(pipe, scales[run_start], strength) if suppression else contextlib.nullcontext()
             )
+            with guidance:
+                output = pipe(
+                    list(prompts[run_start:run_stop]),
+                    num_inference_steps=steps,
+                    guidance_scale=scales[run_start],
+                    height=height,
+                    width=width,
+                    latents=latents.to(pipe.device, pipe.unet.dtype),
+                    output_type="np",
+                    **{key: [value] * (run_stop - run_start) for key, value in extra.items()},  # one per prompt
+                )
             images.append((np.clip(output.images, 0, 1) * 255).round().astype(np.uint8))
             run_start = run_stop
     return np.concatenate(images)

@@ -1,6 +1,7 @@
-"""The contract every registered method keeps, on every model family (one parametrized matrix, as in peft).
+"""The contract every registered weight method keeps, on every model family (one parametrized matrix, as in peft).
 
 Methods run with their ``test_config()`` overrides (for example two iterations), so the matrix stays fast.
+Generation-time methods (negative prompt, SLD) change no weight; their contract is in ``test_generation_time.py``.
 """
 
 from dataclasses import dataclass, field
@@ -46,7 +47,10 @@ def changed_keys(pipe, state):
     return {key for key, value in full_state(pipe).items() if not torch.equal(value, state[key])}
 
 
-@pytest.fixture(scope="module", params=[(m, f) for m in sorted(METHODS) for f in FAMILIES], ids=lambda p: "-".join(p))
+WEIGHT_METHODS = sorted(name for name, cls in METHODS.items() if not cls.generation_time)
+
+
+@pytest.fixture(scope="module", params=[(m, f) for m in WEIGHT_METHODS for f in FAMILIES], ids=lambda p: "-".join(p))
 def erased(request):
     """(pipe, method, edit, state before apply, requires_grad flags before, request seen by the method)."""
     name, family = request.param

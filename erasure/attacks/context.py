@@ -20,7 +20,10 @@ weight changes, but the *edited* side generates with ``negative_prompt`` (the co
 prompt of classifier-free guidance, ``eps_neg + w (eps_c - eps_neg)``. :meth:`AttackContext.sample` honours it
 whenever the pipeline holds the edited model, so every attack's edited images carry it and the base model's never
 do; losses without guidance (the embedding objectives, relearning's fine-tuning) are unaffected, as they are by a
-negative prompt in practice. It is the verdict's sanity check: such a baseline must come out "suppressed".
+negative prompt in practice. Any generation-time edit works the same way (``suppression=`` an
+:class:`~erasure.suppression.GenerationEdit`, e.g. SLD, whose guidance hook wraps every edited-side sampling run at
+the schedule's own step). It is the verdict's sanity check: such a baseline must come out "suppressed" (or "not
+erased" where it does not even hide the concept from the plain prompts).
 """
 
 from __future__ import annotations
@@ -39,11 +42,12 @@ from erasure.attacks.sampler import decode, sample, seeded_noise
 from erasure.diffusion import Conditioning, encode_prompts
 from erasure.edit import Edit
 from erasure.prompt_sets import PromptRow
+from erasure.suppression import GenerationEdit
 
 __all__ = ["SUPPRESSIONS", "AttackContext"]
 
 #: Ways the edited side may hide a concept without an edit (``None``: it does not).
-SUPPRESSIONS: tuple[str, ...] = ("negative-prompt",)
+SUPPRESSIONS: tuple[str, ...] = ("negative-prompt",)  # by name; any GenerationEdit (SLD, a saved edit) also works
 
 
 class AttackContext:
@@ -65,7 +69,8 @@ class AttackContext:
         size: Image side (the model's native size by default).
         scale: Strength at which the edit is applied.
         suppression: ``"negative-prompt"``: the edited side generates with ``negative_prompt`` as the negative
-            prompt (module docstring); ``None``: it does not.
+            prompt (module docstring); a :class:`~erasure.suppression.GenerationEdit`: the edited side samples with
+            it; ``None``: neither.
         negative_prompt: The negative prompt of ``suppression="negative-prompt"`` (the concept's words).
 
     Raises:
@@ -89,7 +94,7 @@ class AttackContext:
         batch_size: int = 16,
         size: int | None = None,
         scale: float = 1.0,
-        suppression: str | None = None,
+        suppression: str | GenerationEdit | None = None,
         negative_prompt: str | None = None,
     ) -> None:
         if not callable(judge) or not callable(selector):
@@ -103,15 +108,12 @@ class AttackContext:
             )
         if int(steps) < 1 or int(batch_size) < 1 or int(images_per_prompt) < 1:
             raise AttackError("steps, batch_size and images_per_prompt must each be at least 1.")
-        if suppression is not None:
-            if suppression not in SUPPRESSIONS:
-                raise AttackError(f"Unknown suppression {suppression!r}; choose from {', '.join(SUPPRESSIONS)}.")
-            if not (negative_prompt or "").strip():
-                raise AttackError("suppression='negative-prompt' needs the negative prompt (the concept's words).")
-            if float(guidance) <= 1.0:
-                raise AttackError(
-                    f"A negative prompt acts through classifier-free guidance; guidance {guidance:g} <= 1 has none."
-                )
+        generation_edit = _as_generation_edit(suppression, negative_prompt)
+        if generation_edit is not None and float(guidance) <= 1.0:
+            raise AttackError(
+                f"{generation_edit.config['method']} acts through classifier-free guidance; guidance {guidance:g} "
+                "<= 1 has none."
+            )
         if edit is not None:
             edit.check_base(pipe)
         self.pipe = pipe
@@ -126,8 +128,11 @@ class AttackContext:
         self.batch_size = int(batch_size)
         self.size = size
         self.scale = float(scale)
-        self.suppression = suppression
-        self.negative_prompt = negative_prompt.strip() if suppression is not None and negative_prompt else None
+        self.generation_edit = generation_edit
+        self.suppression = generation_edit.config["method"] if generation_edit is not None else None
+        self.negative_prompt = (
+            generation_edit.config["suppression"].get("negative_prompt") if generation_edit is not None else None
+        )
         self._state = "base"
         self._base_cache: dict[tuple[str, int], np.ndarray] = {}
 
@@ -146,6 +151,7 @@ class AttackContext:
             "sampler": "ddim",
             "suppression": self.suppression,
             "negative_prompt": self.negative_prompt,
+            "suppression_settings": self.generation_edit.config["suppression"] if self.generation_edit else None,
         }
 
     # -- models --------------------------------------------------------------------------------------------------
@@ -204,7 +210,7 @@ class AttackContext:
         otherwise (the sampler then uses the pipeline's empty prompt).
         """
         which = self._state if which is None else which
-        if which == "edited" and self.suppression == "negative-prompt":
+        if which == "edited" and self.negative_prompt:
             return self.encode([self.negative_prompt])
         return None
 
@@ -215,7 +221,13 @@ class AttackContext:
         (:meth:`unconditional`) unless ``sample_kwargs`` set them.
         """
         settings = {"steps": self.steps, "guidance": self.guidance, "unconditional": self.unconditional()}
-        return sample(self.pipe, conditioning, latents, **(settings | sample_kwargs))
+        settings |= sample_kwargs
+        guidance = contextlib.nullcontext()
+        if self._state == "edited" and self.generation_edit is not None:  # SLD's hook, at the schedule's own step
+            start = int(settings.get("start", 0))
+            guidance = self.generation_edit.guidance(self.pipe, settings["guidance"], 1.0, first_step=start)
+        with guidance:
+            return sample(self.pipe, conditioning, latents, **settings)
 
     def generate(
         self,
@@ -324,3 +336,20 @@ class AttackContext:
                     }
                 )
         return hits, picked, records
+
+
+def _as_generation_edit(
+    suppression: str | GenerationEdit | None, negative_prompt: str | None
+) -> GenerationEdit | None:
+    """The suppression as a generation-time edit: an edit as given, or ``"negative-prompt"`` with its text."""
+    if suppression is None or isinstance(suppression, GenerationEdit):
+        return suppression
+    if suppression not in SUPPRESSIONS:
+        raise AttackError(f"Unknown suppression {suppression!r}; choose from {', '.join(SUPPRESSIONS)}.")
+    if not (negative_prompt or "").strip():
+        raise AttackError("suppression='negative-prompt' needs the negative prompt (the concept's words).")
+    from erasure.methods.negative_prompt import NegativePromptEdit
+
+    return NegativePromptEdit(
+        {"method": "negative-prompt", "suppression": {"negative_prompt": negative_prompt.strip()}}
+    )

@@ -11,6 +11,7 @@ probe into the same folder is refused while one runs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -172,6 +173,9 @@ def probe(
         )  # fmt: skip
         if suppression:
             settings["suppression"] = suppression
+        if models.edit is not None and models.edit.config.get("generation_time"):  # the base, sampled with it
+            settings["suppression"] = models.edit
+            models = dataclasses.replace(models, edit=None)
         provenance = {
             "model": str(model),
             "under_test": models.source,

@@ -165,7 +165,7 @@ def run_probe(
             f"options for attack(s) {', '.join(idle)}, which this run does not run ({', '.join(names)})."
         )
     chosen = {name: get_attack(name, preset, **options.get(name, {})) for name in names}  # bad options fail here
-    if settings.get("suppression") and not settings.get("negative_prompt"):
+    if isinstance(settings.get("suppression"), str) and not settings.get("negative_prompt"):
         settings["negative_prompt"] = ", ".join(concept.concept_words)
     ctx = AttackContext(pipe, edit, judge, selector, allow_selector_as_judge=allow_selector_as_judge, **settings)
     reference_ctx = None

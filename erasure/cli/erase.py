@@ -122,7 +122,9 @@ def _add_erase(subparsers: argparse._SubParsersAction) -> None:
             "erase",
             help=COMMAND_HELP["erase"],
             description="Erase concepts with a method and save the weight change (an edit) to --out. "
-            "`erasure erase METHOD --help` lists the method's options.",
+            "Generation-time methods (negative-prompt, sld) change no weight: they save a suppression that "
+            "evaluate, grid and the report apply while sampling. `erasure erase METHOD --help` lists the method's "
+            "options.",
         )
     )
     methods = parser.add_subparsers(title="methods", dest="method", metavar="METHOD")
@@ -130,6 +132,7 @@ def _add_erase(subparsers: argparse._SubParsersAction) -> None:
     for name in method_names():
         cls = METHODS[name]
         summary = (cls.__doc__ or name).strip().splitlines()[0]
+        summary += " [generation-time: no weights change]" if cls.generation_time else ""
         sub = _one_line_errors(methods.add_parser(name, help=summary, description=summary))
         sub.add_argument("--model", required=True, help="hub id, diffusers folder or single-file .safetensors")
         sub.add_argument("--model-config", help=MODEL_CONFIG_HELP)
@@ -208,7 +211,10 @@ def _erase(args: argparse.Namespace) -> int:
     )
     folder = edit.save(args.out, overwrite=args.overwrite)
     names = ", ".join(c.name for c in request.concepts)
-    print(f"erased {names} with {method.name}: {len(edit.deltas)} tensors changed; wrote {folder}")
+    if method.generation_time:
+        print(f"suppressing {names} with {method.name}: a generation-time edit, no weights changed; wrote {folder}")
+    else:
+        print(f"erased {names} with {method.name}: {len(edit.deltas)} tensors changed; wrote {folder}")
     return 0
 
 
@@ -226,6 +232,7 @@ def _run_list(args: argparse.Namespace) -> int:
     for name in method_names():
         cls = METHODS[name]
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        summary += " [generation-time: no weights change]" if cls.generation_time else ""
         print(f"{name}: {summary}")
         for field, flag, default in _method_options(name):
             print(f"    {flag} = {default!r}  {field.metadata.get('help', '')}")

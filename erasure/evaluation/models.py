@@ -190,6 +190,12 @@ def load_models(
             # null: the check is off (strict JSON has no infinity)
             "max_relative_change": limit if math.isfinite(limit) else None,
         }
+        if edit.config.get("generation_time"):  # a suppression at sampling time: no tensors, no base to check
+            info |= {
+                "generation_time": True,
+                "base_check": "not applicable",
+                "suppression": edit.config["suppression"],
+            }
         for scale in scales if scales is not None else (None,):
             name = folder.name if scale is None else f"{folder.name}-scale-{scale:g}"
             extra = {} if scale is None else {"scale": float(scale)}

@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from erasure.concepts import EraseRequest
-from erasure.edit import CONFIG_NAME, STATE_DICT_METHOD, Edit, EditFormatError, stack
-from erasure.methods.base import EraseMethod, MethodConfig
+from erasure.edit import CONFIG_NAME, STATE_DICT_METHOD, Edit, EditFormatError, read_edit_config, stack
+from erasure.methods.base import EraseMethod, GenerationTimeMethod, MethodConfig
+from erasure.suppression import GenerationEdit, is_generation_time
 
 __all__ = [
     "METHODS",
     "PRESETS",
     "EraseMethod",
     "MethodConfig",
+    "generation_time_names",
     "get_method",
     "known_method_names",
     "load_edit",
@@ -96,13 +98,32 @@ def known_method_names() -> set[str]:
     return {*METHODS, "stack", STATE_DICT_METHOD}
 
 
-def load_edit(folder: str | Path, *, require_fingerprint: bool = True) -> Edit:
+def load_edit(folder: str | Path, *, require_fingerprint: bool = True) -> Edit | GenerationEdit:
     """:meth:`erasure.edit.Edit.load`, also refusing an edit whose config names a method erasure does not know.
 
     Every command that reads an edit goes through here: an unknown method name means the file was altered or
-    comes from another tool, and its deltas cannot be trusted to be what the name says.
+    comes from another tool, and its deltas cannot be trusted to be what the name says. A generation-time edit
+    (``"generation_time": true``: a negative prompt, SLD) comes back as its method's
+    :class:`~erasure.suppression.GenerationEdit`, rebuilt from the config alone.
     """
-    return Edit.load(folder, require_fingerprint=require_fingerprint, known_methods=known_method_names())
+    config = read_edit_config(folder)
+    if not is_generation_time(config):
+        return Edit.load(folder, require_fingerprint=require_fingerprint, known_methods=known_method_names())
+    method = METHODS.get(str(config.get("method", "")).lower())
+    if method is None or not issubclass(method, GenerationTimeMethod):
+        raise EditFormatError(
+            f"{folder} is marked generation-time but names method {config.get('method')!r}, which is not a "
+            f"generation-time method of erasure ({', '.join(generation_time_names())})."
+        )
+    for name in ("method_config", "request", "suppression"):
+        if name not in config:
+            raise EditFormatError(f"{folder / CONFIG_NAME} has no '{name}'; save the edit again.")
+    return method.edit_class(config)
+
+
+def generation_time_names() -> list[str]:
+    """Registered methods that change no weight (they suppress at generation time), sorted."""
+    return [name for name in method_names() if METHODS[name].generation_time]
 
 
 def replay(folder_or_config: str | Path | Mapping[str, Any], pipe: Any, **apply_kwargs: Any) -> Edit:

@@ -32,12 +32,14 @@ from torch import Tensor
 from erasure.concepts import EraseRequest, check_encodable
 from erasure.edit import Edit, fingerprint
 from erasure.pipeline import ModelFamily, detect_family
+from erasure.suppression import GenerationEdit
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "PARAMETER_PRESETS",
     "EraseMethod",
+    "GenerationTimeMethod",
     "MethodConfig",
     "NonFiniteEditError",
     "pipeline_tokenizers",
@@ -169,6 +171,8 @@ class EraseMethod:
     """
 
     name: ClassVar[str] = "base"
+    #: True for methods that change how images are sampled and no weight (:class:`GenerationTimeMethod`).
+    generation_time: ClassVar[bool] = False
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     supported_families: ClassVar[tuple[ModelFamily, ...]] = (ModelFamily.SD1, ModelFamily.SD2, ModelFamily.SDXL)
     parameter_preset: ClassVar[str] = "xattn"
@@ -297,3 +301,58 @@ class EraseMethod:
             "stats": stats or {},
         }
         return Edit(deltas, config)
+
+
+class GenerationTimeMethod(EraseMethod):
+    """Base class of methods that suppress a concept while sampling (a negative prompt, SLD) and change no weight.
+
+    :meth:`apply` checks the family and the request as for a weight method, then returns the subclass's
+    :class:`~erasure.suppression.GenerationEdit`, whose config records what it will do (``suppression``), so
+    loading the folder rebuilds the same edit without the pipeline.
+
+    Attributes:
+        edit_class: The :class:`~erasure.suppression.GenerationEdit` subclass this method returns.
+    """
+
+    generation_time: ClassVar[bool] = True
+    edit_class: ClassVar[type[GenerationEdit]] = GenerationEdit
+
+    def suppression(self, pipe: DiffusionPipeline, request: EraseRequest) -> dict[str, Any]:
+        """What the edit does at generation time (JSON-friendly); stored as ``config["suppression"]``."""
+        raise NotImplementedError
+
+    def select_parameters(self, pipe: DiffusionPipeline) -> dict[str, torch.nn.Parameter]:
+        """None: a generation-time method changes no weight."""
+        return {}
+
+    def apply(
+        self,
+        pipe: DiffusionPipeline,
+        request: EraseRequest,
+        *,
+        images: Any = None,
+        progress: bool = True,
+        base_model: str = "",
+    ) -> GenerationEdit:
+        """The generation-time edit for ``request`` (arguments as :meth:`EraseMethod.apply`); ``pipe`` is only read.
+
+        Raises:
+            ValueError: Unsupported family, or a concept the tokenizer cannot encode.
+        """
+        family = detect_family(pipe)
+        if family not in self.supported_families:
+            supported = ", ".join(str(f) for f in self.supported_families)
+            raise ValueError(f"Method '{self.name}' does not support {family} pipelines (supported: {supported}).")
+        method_request = request.for_method()
+        for tokenizer in pipeline_tokenizers(pipe):
+            check_encodable(tokenizer, method_request)
+        config = {
+            "method": self.name,
+            "method_config": self.config.to_dict(),
+            "request": request.to_dict(),
+            "base_model": str(base_model),
+            "family": str(family),
+            "suppression": self.suppression(pipe, method_request),
+            "stats": {},
+        }
+        return self.edit_class(config)

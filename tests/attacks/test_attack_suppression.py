@@ -53,3 +53,23 @@ def test_a_probe_of_the_negative_prompt_baseline_fills_the_prompt_from_the_conce
     )  # fmt: skip
     assert summary["settings"]["negative_prompt"] == "Pip" and summary["verdict"]["suppression"] == "negative-prompt"
     assert summary["suite"] == "custom" and list(summary["attacks"]) == ["trajectory"]
+
+
+def test_any_generation_time_edit_suppresses_the_edited_side_sld_included():
+    from erasure.concepts import Concept, EraseRequest
+    from erasure.methods import get_method
+
+    pipe = tiny()
+    request = EraseRequest((Concept(name="pip", kind="character", erase=("pip",)),))
+    sld = get_method("sld", warmup_steps=1, safety_scale=50.0).apply(pipe, request, progress=False)
+    ctx = AttackContext(pipe, None, brightness_judge, red_selector, steps=STEPS, suppression=sld)
+    plain = AttackContext(pipe, None, brightness_judge, red_selector, steps=STEPS)
+    prompts, seeds = ["a picture of pip", "pip"], [3, 4]
+    base, edited = ctx.generate("base", prompts, seeds), ctx.generate("edited", prompts, seeds)
+    assert np.array_equal(base, plain.generate("edited", prompts, seeds))
+    assert not np.array_equal(edited, base)
+    # completion from step 1 keeps the schedule's step count: warm-up 1 means SLD acts on every finishing step
+    k1, kn = complete(ctx, prompts, seeds, [1, STEPS])
+    assert np.array_equal(kn, base) and not np.array_equal(k1, base)
+    assert ctx.settings()["suppression"] == "sld" and ctx.settings()["negative_prompt"] is None
+    assert ctx.settings()["suppression_settings"]["safety_concept"] == "pip"
