@@ -2,8 +2,9 @@
 """Benchmark the probe on the toy world: for each method x concept, erase, attack, and decide removed or suppressed.
 
 For each concept (``prompts/toyworld/<concept>.toml``) and method (defaults: uce, esd-x, esd-u, resteer and the
-``negative-prompt`` baseline, which changes no weight but generates the edited side with the concept as negative
-prompt) the script erases the concept from the shipped toy checkpoint at the method's registered defaults
+``negative-prompt`` baseline; generation-time methods such as ``negative-prompt`` and ``sld`` change no weight, the
+probe samples the edited side with them) the script erases the concept from the shipped toy checkpoint at the
+method's registered defaults
 (``--method-set`` overrides config fields; ``--edit METHOD:CONCEPT=DIR`` loads a saved edit instead), then runs
 :func:`erasure.attacks.suite.run_probe` with the suite (``--suite``, default ``quick``) judged by the oracle with the
 toy CLIP as the selector, and with ``--reverse`` also judged by the CLIP with the oracle as the selector. Every
@@ -49,7 +50,6 @@ from erasure.methods import get_method, load_edit
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("uce", "esd-x", "esd-u", "resteer", "negative-prompt")
 CONCEPTS = ("pip", "striped", "triangle", "red")
-BASELINE = "negative-prompt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--methods", nargs="+", default=list(METHODS),
-        help=f"registered method names or {BASELINE}; NAME@LABEL runs NAME again under another label",
+        help="registered method names (generation-time ones too: negative-prompt, sld); NAME@LABEL runs NAME again "
+        "under another label",
     )  # fmt: skip
     parser.add_argument("--concepts", nargs="+", default=list(CONCEPTS), help="toy concept names or .toml files")
     parser.add_argument(
@@ -207,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     edits = parse_edits(args.edits)
     options = parse_settings(args.settings)
     for name in args.methods:  # a bad method or option fails before any work
-        if name != BASELINE:
-            get_method(name.split("@", 1)[0], **overrides[name])
+        get_method(name.split("@", 1)[0], **overrides[name])
     pairings = [(f"oracle:{args.oracle}", f"clip:{args.clip}")]
     if args.reverse:
         pairings.append((f"clip:{args.clip}", f"oracle:{args.oracle}"))
@@ -227,10 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         judges = {pair: judge_and_selector(*pair, concept, device=args.device) for pair in pairings}
         for method in args.methods:
             started = time.monotonic()
-            edit, settings = None, {}
-            if method == BASELINE:
-                settings = {"suppression": "negative-prompt"}
-            elif (method, concept_name) in edits:
+            if (method, concept_name) in edits:
                 edit = load_edit(edits[(method, concept_name)])
             else:
                 edit = get_method(method.split("@", 1)[0], **overrides[method]).apply(
@@ -245,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
                     preset=args.preset, options=options, overwrite=True, steps=args.steps, guidance=args.guidance,
                     images_per_prompt=per_prompt, base_seed=args.first_seed, batch_size=args.batch_size,
                     provenance={"model": args.model, "method": method, "reference": str(reference_path or "")},
-                    **settings,
                 )  # fmt: skip
                 run = {
                     "method": method, "concept": concept.name, "judge": judge_spec.partition(":")[0],

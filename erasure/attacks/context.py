@@ -108,6 +108,10 @@ class AttackContext:
             )
         if int(steps) < 1 or int(batch_size) < 1 or int(images_per_prompt) < 1:
             raise AttackError("steps, batch_size and images_per_prompt must each be at least 1.")
+        if isinstance(edit, GenerationEdit):  # a saved negative prompt or SLD edit: the base model, sampled with it
+            if suppression is not None:
+                raise AttackError("Give a generation-time edit or a suppression, not both.")
+            edit, suppression = None, edit
         generation_edit = _as_generation_edit(suppression, negative_prompt)
         if generation_edit is not None and float(guidance) <= 1.0:
             raise AttackError(

@@ -11,7 +11,6 @@ probe into the same folder is refused while one runs.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -173,9 +172,6 @@ def probe(
         )  # fmt: skip
         if suppression:
             settings["suppression"] = suppression
-        if models.edit is not None and models.edit.config.get("generation_time"):  # the base, sampled with it
-            settings["suppression"] = models.edit
-            models = dataclasses.replace(models, edit=None)
         provenance = {
             "model": str(model),
             "under_test": models.source,
