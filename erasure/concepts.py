@@ -95,6 +95,7 @@ class Concept:
         evaluate: Held-out prompts of the concept, for evaluation only; never handed to a method.
         evaluate_preserve: Held-out neighbour prompts, for evaluation only.
         words: The concept's own words inside the prompts (for token-level methods); default ``(name,)``.
+        expansion: The template set that expanded ``erase`` (:mod:`erasure.expansion`), ``""`` if none did.
     """
 
     name: str
@@ -105,6 +106,7 @@ class Concept:
     evaluate: tuple[str, ...] = ()
     evaluate_preserve: tuple[str, ...] = ()
     words: tuple[str, ...] = field(default=())
+    expansion: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():

@@ -208,7 +208,19 @@ def test_erase_into_an_existing_edit_is_refused_unless_overwrite(model, tmp_path
     assert "already holds an edit" in message and "--overwrite" in message and message.count("\n") == 1
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before, "the old edit is untouched"
     assert exit_status([*argv, "--overwrite"]) == 0
-    assert Edit.load(run).config["request"]["concepts"][0]["erase"] == ["zog"]
+    assert Edit.load(run).config["request"]["concepts"][0]["erase"][0] == "zog"
+
+
+def test_a_bare_word_is_expanded_unless_switched_off(model, tmp_path):
+    on, off = tmp_path / "on", tmp_path / "off"
+    base = ["erase", "uce", "--model", str(model), "--prompt", "zog", "--kind", "character", "--no-progress"]
+    assert main([*base, "--out", str(on)]) == 0
+    assert main([*base, "--out", str(off), "--expand", "off"]) == 0
+    expanded = Edit.load(on).config["request"]["concepts"][0]
+    assert expanded["erase"][0] == "zog" and len(expanded["erase"]) > 1 and expanded["expansion"] in ("sd", "toyworld")
+    assert Edit.load(on).config["method_config"]["expand"] == "auto"
+    plain = Edit.load(off).config["request"]["concepts"][0]
+    assert plain["erase"] == ["zog"] and plain["expansion"] == ""
 
 
 @pytest.mark.parametrize("tamper", ["nan", "method", "fingerprint", "empty"])

@@ -160,7 +160,7 @@ def test_prompts_without_the_concept_words_are_refused():
     pipe = tiny_pipeline("sd1")
     hidden = Concept(name="pip", kind="character", erase=("a picture of zog",))
     with pytest.raises(ValueError, match="none of its erase prompts"):
-        get_method("resteer", **FAST).apply(pipe, EraseRequest((hidden,)), progress=False)
+        get_method("resteer", **FAST, expand="off").apply(pipe, EraseRequest((hidden,)), progress=False)
 
 
 def test_config_validation():

@@ -2,8 +2,8 @@
 
 Layers, lowest first (every module of the package must be placed; a new module fails this test until it is):
 
-0. files, resources, concepts, prompt_sets, attention, the toy world's renderer, captions and tokenizer: plain data
-   and files, no model code;
+0. files, resources, concepts, expansion, prompt_sets, attention, the toy world's renderer, captions and tokenizer:
+   plain data and files, no model code;
 1. pipeline (loading), toyworld.models;
 2. diffusion, convert, sampling, edit, suppression, testing: maths on a loaded pipeline, and the edit formats;
 3. generate, methods.base, methods.closed_form: what methods are built from;
@@ -21,7 +21,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "erasure"
 
 LAYERS: dict[int, set[str]] = {
-    0: {"erasure", "files", "resources", "concepts", "prompt_sets", "attention", "toyworld",
+    0: {"erasure", "files", "resources", "concepts", "expansion", "prompt_sets", "attention", "toyworld",
         "toyworld.render", "toyworld.captions", "toyworld.tokenizer"},
     1: {"pipeline", "toyworld.models"},
     2: {"diffusion", "convert", "sampling", "edit", "suppression", "testing"},

@@ -161,7 +161,7 @@ def test_uce_maps_each_erase_prompt_to_its_paired_anchor(pipe):
     # with the word first ("a striped red ...") both rows would be one input with two targets.
     pairs = {"red striped": "a red circle", "blue striped": "a blue square"}
     concept = Concept(name="striped", kind="style", erase=tuple(pairs), anchor=tuple(pairs.values()))
-    edit = get_method("uce", lam=1e-6).apply(pipe, EraseRequest((concept,)))
+    edit = get_method("uce", lam=1e-6, expand="off").apply(pipe, EraseRequest((concept,)))
     striped = {prompt: encode_prompts(pipe, [prompt]).prompt_embeds[0, 2].double() for prompt in pairs}
     assert edit.config["stats"]["erase_rows_with_conflicting_anchors"] == 0
     for key in kv_keys(edit):
@@ -179,7 +179,7 @@ def test_uce_maps_one_token_with_several_paired_anchors_to_their_mean(pipe, capl
     pairs = {"a striped red circle": "a red circle", "a striped blue square": "a blue square"}
     concept = Concept(name="striped", kind="style", erase=tuple(pairs), anchor=tuple(pairs.values()))
     with caplog.at_level("WARNING", logger="erasure.methods.uce"):
-        edit = get_method("uce", lam=1e-6).apply(pipe, EraseRequest((concept,)))
+        edit = get_method("uce", lam=1e-6, expand="off").apply(pipe, EraseRequest((concept,)))
     assert "2 of 2 erase rows share their token embedding" in caplog.text
     assert edit.config["stats"]["erase_rows_with_conflicting_anchors"] == 2
     striped = encode_prompts(pipe, ["a striped red circle"]).prompt_embeds[0, 2].double()

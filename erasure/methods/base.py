@@ -31,6 +31,7 @@ from torch import Tensor
 
 from erasure.concepts import EraseRequest, check_encodable
 from erasure.edit import Edit, fingerprint
+from erasure.expansion import TEMPLATE_SETS, expand_request, resolve_templates
 from erasure.pipeline import ModelFamily, detect_family
 from erasure.suppression import GenerationEdit
 
@@ -120,10 +121,22 @@ class MethodConfig:
     """
 
     seed: int = field(default=0, metadata={"help": "seed of every random choice"})
+    expand: str = field(
+        default="auto",
+        metadata={
+            "help": "expand a concept with fewer than 3 erase prompts into templated phrasings: auto (toyworld for "
+            "the toy tokenizer, else sd), sd, toyworld or off (erasure.expansion)"
+        },
+    )
 
     #: Old option name -> current name. Edit configs written before a rename still load and replay; the command
     #: line accepts the old spelling as a hidden alias.
     renamed_options: ClassVar[dict[str, str]] = {}
+
+    def check_expand(self) -> None:
+        """Raise a ``ValueError`` naming ``expand`` unless it is one of :data:`erasure.expansion.TEMPLATE_SETS`."""
+        if self.expand not in TEMPLATE_SETS:
+            raise ValueError(f"expand must be one of {', '.join(TEMPLATE_SETS)}, got {self.expand!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-friendly dict."""
@@ -242,7 +255,9 @@ class EraseMethod:
 
         Args:
             pipe: A Stable Diffusion pipeline of a supported family.
-            request: What to erase; its held-out ``evaluate`` prompts are removed before the method sees it.
+            request: What to erase. Concepts with few erase prompts are first expanded into templated phrasings
+                (the config's ``expand``, :mod:`erasure.expansion`; the edit records the expanded request); the
+                held-out ``evaluate`` prompts are removed before the method sees it.
             images: Optional images for methods that use them.
             progress: Show progress bars.
             base_model: Name of the base model, recorded in the edit.
@@ -258,6 +273,8 @@ class EraseMethod:
         if family not in self.supported_families:
             supported = ", ".join(str(f) for f in self.supported_families)
             raise ValueError(f"Method '{self.name}' does not support {family} pipelines (supported: {supported}).")
+        self.config.check_expand()
+        request = expand_request(request, resolve_templates(self.config.expand, pipeline_tokenizers(pipe)))
         method_request = request.for_method()
         for tokenizer in pipeline_tokenizers(pipe):
             check_encodable(tokenizer, method_request)
@@ -343,6 +360,8 @@ class GenerationTimeMethod(EraseMethod):
         if family not in self.supported_families:
             supported = ", ".join(str(f) for f in self.supported_families)
             raise ValueError(f"Method '{self.name}' does not support {family} pipelines (supported: {supported}).")
+        self.config.check_expand()
+        request = expand_request(request, resolve_templates(self.config.expand, pipeline_tokenizers(pipe)))
         method_request = request.for_method()
         for tokenizer in pipeline_tokenizers(pipe):
             check_encodable(tokenizer, method_request)

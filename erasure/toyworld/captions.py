@@ -16,6 +16,9 @@ import numpy as np
 from erasure.toyworld.render import CHARACTERS, COLOURS, SHAPES, Scene, make_scene, render
 
 TEMPLATES: tuple[str, ...] = ("{x}", "a picture of {x}", "an image of {x}", "a drawing of {x}")
+#: The templates erase prompts use; the other two are held out for evaluation (the shipped concept files' rule).
+ERASE_TEMPLATES: tuple[str, ...] = TEMPLATES[:2]
+HELD_OUT_TEMPLATES: tuple[str, ...] = TEMPLATES[2:]
 CHARACTER_FRACTION = 0.2
 STYLE_WEIGHTS = {"plain": 0.5, "striped": 0.25, "outlined": 0.25}
 EMPTY_CAPTION_FRACTION = 0.1
