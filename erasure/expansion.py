@@ -16,7 +16,8 @@ the ``expand`` option every method has:
 * ``off``: no expansion.
 
 Only concepts with fewer than :data:`MINIMUM_ERASE_PROMPTS` erase prompts are expanded (a concept file that lists
-its phrasings is used as written). The expanded prompts follow the given ones; an anchor that is a non-empty
+its phrasings is used as written), and never one with paired anchors (one anchor per prompt is a deliberate
+pairing no template can extend). The expanded prompts follow the given ones; an anchor that is a non-empty
 prompt is expanded with the same template, as UCE expands its guide concepts, and an empty anchor stays empty.
 Expansions that are preserve prompts of the concept, or repeat a prompt up to letter case (CLIP tokenizers
 lower-case their input), are dropped. The concept records the template set it was
@@ -67,7 +68,7 @@ def toyworld_phrasings(words: str) -> list[str]:
 def _expanded_prompts(concept: Concept, templates: str) -> list[tuple[str, str]]:
     """``(prompt, anchor)`` pairs to add for ``concept``: templated concept words, each with its anchor."""
     pairs = []
-    anchor = concept.anchor if isinstance(concept.anchor, str) else ""
+    anchor = concept.anchor
     for word in concept.concept_words:
         if templates == "toyworld":
             pairs += [(prompt, anchor) for prompt in toyworld_phrasings(word)]
@@ -84,11 +85,12 @@ def _key(prompt: str) -> str:
 def expand_concept(concept: Concept, templates: str, minimum: int = MINIMUM_ERASE_PROMPTS) -> Concept:
     """``concept`` with its erase prompts expanded by the template set ``templates`` (``sd`` or ``toyworld``).
 
-    A concept that already has ``minimum`` erase prompts, or was expanded before, is returned unchanged.
+    A concept that already has ``minimum`` erase prompts, has paired anchors, or was expanded before, is returned
+    unchanged.
     """
     if templates not in ("sd", "toyworld"):
         raise ValueError(f"Unknown template set {templates!r}; choose from sd, toyworld.")
-    if concept.expansion or len(concept.erase) >= minimum:
+    if concept.expansion or len(concept.erase) >= minimum or isinstance(concept.anchor, tuple):
         return concept
     erase, anchors = list(concept.erase), list(concept.erase_anchors)
     blocked = {_key(prompt) for prompt in (*concept.preserve, *erase)}  # CLIP tokenizers ignore case
@@ -100,7 +102,7 @@ def expand_concept(concept: Concept, templates: str, minimum: int = MINIMUM_ERAS
         anchors.append(anchor)
     if len(erase) == len(concept.erase):  # the template set has nothing new for this concept
         return concept
-    paired = isinstance(concept.anchor, tuple) or len(set(anchors)) > 1
+    paired = len(set(anchors)) > 1
     return dataclasses.replace(
         concept, erase=tuple(erase), anchor=tuple(anchors) if paired else concept.anchor, expansion=templates
     )

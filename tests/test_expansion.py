@@ -91,3 +91,8 @@ def test_every_method_sees_the_expanded_request_and_the_edit_records_it():
     assert negative.config["suppression"]["negative_prompt"] == "triangle"
     with pytest.raises(ValueError, match="expand must be one of"):
         get_method("uce", expand="sometimes").apply(pipe, request, progress=False)
+
+
+def test_paired_anchors_are_never_expanded():
+    pairs = Concept(name="striped", kind="style", erase=("a striped red circle",), anchor=("a red circle",))
+    assert expand_concept(pairs, "toyworld") is pairs and expand_concept(pairs, "sd") is pairs
