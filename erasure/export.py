@@ -178,7 +178,9 @@ def lora_state_dict(edit: Edit, rank: int) -> tuple[dict[str, Tensor], dict[str,
     ``k = min(rank, out, in*kh*kw)``, so ``B A`` is the best rank-``k`` approximation of the delta. A bias delta
     becomes ``lora_B.bias`` (peft's ``lora_bias``) when *every* adapted layer has one -- then every base layer has
     a bias and ``fuse_lora`` works; otherwise the biases go to :func:`bias_adapter_state_dict`. Other tensors
-    (normalisation weights, a bias of a layer whose weight is unchanged) have no LoRA form and are skipped.
+    (normalisation weights, a bias of a layer whose weight is unchanged) have no LoRA form and are skipped, and so
+    are text-encoder deltas (the adapter is the UNet's; export them with the ``diffusers`` or ``single-file``
+    format).
 
     Args:
         edit: The edit.
@@ -193,7 +195,7 @@ def lora_state_dict(edit: Edit, rank: int) -> tuple[dict[str, Tensor], dict[str,
     state: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     for key, delta in edit.deltas.items():
-        if key.endswith(".weight") and delta.ndim in (2, 4):
+        if key.startswith("unet.") and key.endswith(".weight") and delta.ndim in (2, 4):
             module = key.removesuffix(".weight")
             b, a = _lora_factors(delta.reshape(delta.shape[0], -1), rank)
             if delta.ndim == 4:
@@ -222,7 +224,7 @@ def bias_adapter_state_dict(edit: Edit) -> tuple[dict[str, Tensor], dict[str, An
     state: dict[str, Tensor] = {}
     for key, bias in edit.deltas.items():
         weight = edit.deltas.get(key.removesuffix(".bias") + ".weight")
-        if not key.endswith(".bias") or weight is None or weight.ndim not in (2, 4):
+        if not key.startswith("unet.") or not key.endswith(".bias") or weight is None or weight.ndim not in (2, 4):
             continue
         module = key.removesuffix(".bias")
         shape_a = (1, *weight.shape[1:])

@@ -1,0 +1,259 @@
+"""AdvUnlearn: adversarial training of the text encoder (Zhang et al., NeurIPS 2024; arXiv 2405.15234).
+
+ESD (:mod:`erasure.methods.esd`) erases the concept for the prompts it trains on; an attacker then finds a prompt
+embedding that brings it back. AdvUnlearn trains against that attacker, as a bi-level problem (paper Eqs. 3-5):
+
+* **Inner attack** (an UnlearnDiffAtk-style soft prompt): ``k`` adversarial token vectors ``delta`` in the
+  token-embedding space, prefixed to the erase prompt ``c`` (``c (+) delta``), optimised with Adam (lr 1e-3, 30 steps)
+  so that the model being trained reproduces the *original* model's prediction for the concept::
+
+      min_delta  || eps_theta(x_t, c (+) delta, t) - eps_theta*(x_t, c, t) ||^2
+
+* **Outer step**: ESD's loss (Eq. 7, ``eta`` 1, guidance 3) evaluated on the adversarial prompt, plus the retain
+  loss on preserve prompts ``c_r`` (the "reg" mode, weight ``gamma`` 0.3, 5 prompts per step)::
+
+      L = || eps_theta(x_t, c (+) delta, t) - [eps*(x_t, a) - eta (eps*(x_t, c) - eps*(x_t, a))] ||^2
+          + gamma * || eps_theta(x_t, c_r, t) - eps_theta*(x_t, c_r, t) ||^2
+
+The attack starts after ``warmup_iterations`` (official 200 of 1000); before, the outer step is plain ESD.
+Parameters: the text encoder by default (``text_encoder``, the paper's choice: the robust encoder then works in
+other SD 1.x UNets), or the UNet's ``xattn`` / ``noxattn``. Official defaults: 1000 iterations, lr 1e-5, one
+adversarial token.
+
+``x_t`` comes from ESD's ``cached`` sampler: ``trajectories`` guided DDIM runs of the original model, made once,
+every state reused with its frozen predictions (the official code re-samples with the model being trained; with a
+frozen UNet and an embedding-space attack, the frozen model's states are the ones where the concept appears). The
+adversarial vector enters the encoder through :class:`erasure.embedding_override.EmbeddingOverride` at position 1
+(after the start token; the prompt shifts right by ``k``), the same override the probe's embedding attacks use.
+Text-encoder changes are saved as ``text_encoder.*`` deltas, applied, scaled and reverted like UNet ones.
+SD 1.x and 2.x (one text encoder), as the official code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from erasure.concepts import EraseRequest
+from erasure.diffusion import Conditioning, encode_prompts, predict_noise, unconditional_conditioning
+from erasure.embedding_override import EmbeddingOverride, token_embedding
+from erasure.methods import register
+from erasure.methods.base import EraseMethod, MethodConfig, NonFiniteEditError, preset_parameters
+from erasure.methods.esd import adam_steps_in_backward, esd_target, original_weights
+from erasure.pipeline import ModelFamily, execution_device
+from erasure.sampling import ddim_trajectory
+
+logger = logging.getLogger(__name__)
+
+PARAMETER_CHOICES = ("text_encoder", "xattn", "noxattn")
+
+
+@dataclass
+class AdvUnlearnConfig(MethodConfig):
+    """AdvUnlearn settings; defaults follow the official code (see the module docstring)."""
+
+    parameters: str = field(
+        default="text_encoder", metadata={"help": "parameters trained: text_encoder (paper), xattn or noxattn"}
+    )
+    iterations: int = field(default=1000, metadata={"help": "outer iterations"})
+    lr: float = field(default=1e-5, metadata={"help": "Adam learning rate of the trained parameters"})
+    eta: float = field(default=1.0, metadata={"help": "ESD's negative guidance strength (Eq. 7)"})
+    guidance: float = field(default=3.0, metadata={"help": "CFG scale of the DDIM trajectories making x_t"})
+    ddim_steps: int = field(default=25, metadata={"help": "DDIM schedule of the cached trajectories"})
+    trajectories: int = field(default=8, metadata={"help": "original-model DDIM runs made once and reused"})
+    attack_steps: int = field(default=30, metadata={"help": "Adam steps of the inner attack per iteration"})
+    attack_lr: float = field(default=1e-3, metadata={"help": "learning rate of the inner attack"})
+    adversarial_tokens: int = field(default=1, metadata={"help": "adversarial token vectors prefixed to the prompt"})
+    warmup_iterations: int = field(default=200, metadata={"help": "iterations of plain ESD before attacks start"})
+    retain_weight: float = field(default=0.3, metadata={"help": "gamma, the weight of the retain loss"})
+    retain_batch: int = field(default=5, metadata={"help": "preserve prompts per retain step"})
+    resolution: int | None = field(default=None, metadata={"help": "image side of x_t in pixels (default: native)"})
+
+    def __post_init__(self) -> None:
+        self.lr, self.attack_lr = float(self.lr), float(self.attack_lr)
+        if self.parameters not in PARAMETER_CHOICES:
+            raise ValueError(f"parameters must be one of {', '.join(PARAMETER_CHOICES)}, got {self.parameters!r}.")
+        for name in ("iterations", "ddim_steps", "trajectories", "adversarial_tokens", "retain_batch"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        for name in ("attack_steps", "warmup_iterations", "retain_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        if not self.lr > 0 or not self.attack_lr > 0 or not self.eta > 0:
+            raise ValueError("lr, attack_lr and eta must be > 0.")
+        if self.resolution is not None and self.resolution < 8:
+            raise ValueError(f"resolution must be at least 8 pixels, got {self.resolution}.")
+
+
+def prefixed_ids(tokenizer: Any, prompts: list[str], count: int) -> Tensor:
+    """``[B, L]`` ids ``[SOT, slot x count, prompt tokens, EOT, padding]``, cut to the tokenizer's length ``L``.
+
+    The slots hold the end-of-text id as a placeholder; :class:`EmbeddingOverride` replaces their rows.
+    """
+    length = int(tokenizer.model_max_length)
+    rows = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, padding="max_length", max_length=length, truncation=True).input_ids
+        rows.append([ids[0], *[tokenizer.eos_token_id] * count, *ids[1:]][:length])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def encode_with_prefix(pipe: DiffusionPipeline, override: EmbeddingOverride, ids: Tensor, vectors: Tensor) -> Tensor:
+    """Prompt embeddings of ``ids`` with ``vectors`` (``[B, k, d]``) at positions ``1..k`` (gradients flow)."""
+    positions = [torch.arange(1, 1 + vectors.shape[1])] * len(ids)
+    with override.rows(positions, list(vectors)):
+        return pipe.text_encoder(ids.to(execution_device(pipe)))[0]
+
+
+@register("advunlearn")
+class AdvUnlearn(EraseMethod):
+    """AdvUnlearn: ESD on adversarial soft prompts, training the text encoder, with a retain loss."""
+
+    config_class = AdvUnlearnConfig
+    supported_families = (ModelFamily.SD1, ModelFamily.SD2)
+    config: AdvUnlearnConfig
+
+    @classmethod
+    def test_config(cls) -> dict[str, Any]:
+        """Three iterations (the attack from the second, two steps each) on 16-pixel images, 4-step schedules."""
+        return {"iterations": 3, "warmup_iterations": 1, "attack_steps": 2, "ddim_steps": 4, "trajectories": 2,
+                "resolution": 16}  # fmt: skip
+
+    def select_parameters(self, pipe: DiffusionPipeline) -> dict[str, torch.nn.Parameter]:
+        """The text encoder's parameters, or the UNet preset of ``config.parameters``."""
+        return preset_parameters(pipe, self.config.parameters)
+
+    @torch.no_grad()
+    def _state_bank(self, pipe: DiffusionPipeline, request: EraseRequest, generator: torch.Generator) -> dict:
+        """Original-model states ``x_t``: their erase prompts, ESD targets, concept predictions ``eps*(x_t, c)``."""
+        config = self.config
+        prompts = [prompt for concept in request.concepts for prompt in concept.erase]
+        anchors = [anchor for concept in request.concepts for anchor in concept.erase_anchors]
+        unconditional = unconditional_conditioning(pipe)
+        concept_cond = encode_prompts(pipe, prompts)
+        anchor_cond = Conditioning.cat([encode_prompts(pipe, [a]) if a else unconditional for a in anchors])
+        rows = torch.randint(len(prompts), (config.trajectories,), generator=generator)
+        states = ddim_trajectory(
+            pipe, concept_cond[rows], config.ddim_steps - 1, config.ddim_steps, config.guidance, generator,
+            unconditional=unconditional, size=config.resolution,
+        )  # fmt: skip
+        targets, concepts = [], []
+        for latents, timestep in states:
+            both = predict_noise(
+                pipe,
+                torch.cat([latents, latents]),
+                timestep,
+                Conditioning.cat([concept_cond[rows], anchor_cond[rows]]),
+            )
+            out_concept, out_anchor = both.float().chunk(2)
+            targets.append(esd_target(out_concept, out_anchor, config.eta))
+            concepts.append(out_concept)
+        return {
+            "prompts": prompts,
+            "x_t": torch.cat([latents for latents, _ in states]),
+            "t": torch.cat([timestep.expand(config.trajectories) for _, timestep in states]),
+            "rows": rows.repeat(len(states)),
+            "target": torch.cat(targets),
+            "concept": torch.cat(concepts),
+        }
+
+    def _attack(
+        self, pipe: DiffusionPipeline, override: EmbeddingOverride, ids: Tensor, x_t: Tensor, t: Tensor,
+        original: Tensor, start: Tensor,
+    ) -> tuple[Tensor, float]:  # fmt: skip
+        """The inner attack: ``delta`` minimising ``|| eps_theta(x_t, c (+) delta) - eps*(x_t, c) ||^2``."""
+        delta = start.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([delta], lr=self.config.attack_lr)
+        loss = torch.zeros(())
+        for _ in range(self.config.attack_steps):
+            embeds = encode_with_prefix(pipe, override, ids, delta)
+            prediction = pipe.unet(x_t, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            loss = F.mse_loss(prediction.float(), original)
+            (gradient,) = torch.autograd.grad(loss, [delta])  # the trained weights get no gradient here
+            delta.grad = gradient
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return delta.detach(), float(loss.detach())
+
+    def _erase(
+        self,
+        pipe: DiffusionPipeline,
+        request: EraseRequest,
+        parameters: dict[str, torch.nn.Parameter],
+        *,
+        images: Any = None,
+        progress: bool = True,
+        originals: dict[str, Tensor] | None = None,
+    ) -> dict[str, Any]:
+        """Warm-up ESD, then per iteration the inner attack and the outer step of the module docstring."""
+        config = self.config
+        if images is not None:
+            logger.warning("AdvUnlearn makes its own noisy latents from the model; the given images are not used.")
+        generator = torch.Generator().manual_seed(config.seed)
+        bank = self._state_bank(pipe, request, generator)  # before any change: the original model
+        retain = list(request.preserve_prompts)
+        retain_embeds = encode_prompts(pipe, retain).prompt_embeds.detach() if retain else None
+        if not retain:
+            logger.warning("AdvUnlearn: the request has no preserve prompts; training without the retain loss.")
+        ids = prefixed_ids(pipe.tokenizer, bank["prompts"], config.adversarial_tokens)
+        plain_ids = prefixed_ids(pipe.tokenizer, bank["prompts"], 0)
+        table = token_embedding(pipe.text_encoder).weight.detach()
+        trained = list(parameters.values())
+        frozen_values = (
+            [parameter.detach().clone() for parameter in trained] if config.parameters != "text_encoder" else []
+        )
+        pipe.unet.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        for parameter in trained:
+            parameter.requires_grad_(True)
+        losses, attack_losses = [], []
+        with EmbeddingOverride(pipe.text_encoder) as override, adam_steps_in_backward(trained, config.lr):
+            bar = tqdm(range(config.iterations), desc=self.name, disable=not progress or None)
+            for iteration in bar:
+                pick = torch.randint(len(bank["t"]), (1,), generator=generator)
+                x_t, t, row = bank["x_t"][pick], bank["t"][pick], bank["rows"][pick]
+                if iteration >= config.warmup_iterations and config.attack_steps:
+                    start = table[torch.randint(len(table), (1, config.adversarial_tokens), generator=generator)]
+                    delta, attack_loss = self._attack(pipe, override, ids[row], x_t, t, bank["concept"][pick], start)
+                    attack_losses.append(attack_loss)
+                    embeds = encode_with_prefix(pipe, override, ids[row], delta)
+                else:
+                    embeds = pipe.text_encoder(plain_ids[row].to(x_t.device))[0]
+                prediction = pipe.unet(x_t, t, encoder_hidden_states=embeds, return_dict=False)[0]
+                loss = F.mse_loss(prediction.float(), bank["target"][pick])
+                if retain_embeds is not None and config.retain_weight:
+                    chosen = torch.randint(len(retain), (config.retain_batch,), generator=generator)
+                    x_r, t_r = x_t.expand(len(chosen), -1, -1, -1), t.expand(len(chosen))
+                    frozen = original_weights(trained, frozen_values) if frozen_values else contextlib.nullcontext()
+                    with torch.no_grad(), frozen:
+                        kept = pipe.unet(x_r, t_r, encoder_hidden_states=retain_embeds[chosen], return_dict=False)[0]
+                    retain_ids = prefixed_ids(pipe.tokenizer, [retain[int(i)] for i in chosen], 0)
+                    current = pipe.text_encoder(retain_ids.to(x_t.device))[0]
+                    moved = pipe.unet(x_r, t_r, encoder_hidden_states=current, return_dict=False)[0]
+                    loss = loss + config.retain_weight * F.mse_loss(moved.float(), kept.float())
+                if not torch.isfinite(loss):
+                    raise NonFiniteEditError(
+                        f"AdvUnlearn loss became {loss.item()} at iteration {iteration}; lower lr (now "
+                        f"{config.lr:g}). The pipeline was restored."
+                    )
+                loss.backward()  # also the optimiser step: adam_steps_in_backward
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        return {
+            "iterations": config.iterations,
+            "attacked_iterations": len(attack_losses),
+            "cached_states": len(bank["t"]),
+            "retain_prompts": len(retain),
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
+            "attack_loss_first": attack_losses[0] if attack_losses else None,
+            "attack_loss_last": attack_losses[-1] if attack_losses else None,
+        }
