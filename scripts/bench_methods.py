@@ -10,7 +10,9 @@ Two pipelines:
   (4 levels, so latents are 1/8 of the image side as in SD, but 32-64 channels: ESD and UCE never touch the VAE,
   Forget-Me-Not only encodes its images once) and a CLIP-style tokenizer generated in code
   (:func:`erasure.testing.tiny_tokenizer`) whose vocabulary holds synthetic concept names. On it: UCE with 1, 10
-  and 100 concepts, ESD-x iterations and Forget-Me-Not steps.
+  and 100 concepts, RECE with 1 and 100, ESD-x iterations, Forget-Me-Not steps, Concept Ablation steps (anchor
+  images are setup) and AdvUnlearn iterations (one plain warm-up iteration, then attacked ones with
+  ``--attack-steps`` inner steps each; the official 30 cost 30 times one inner step).
 
 Every measurement runs in a fresh subprocess (``--in-process`` turns that off), so runs do not contaminate each
 other. The worker builds the pipeline, resets the kernel's peak-RSS counter (``/proc/self/clear_refs``) and runs
@@ -486,11 +488,35 @@ def _specs(args: argparse.Namespace) -> list[dict[str, Any]]:
             specs.append({**toy, "label": f"toy {name}", "method": name, "overrides": overrides, "request": request})
     if args.sd14:
         sd = {**base, "pipeline": "sd14"}
+        exact = {"expand": "off"}  # the synthetic request as stated: no templated phrasings added
         for count in args.uce_concepts:
             request = {"kind": "synthetic", "concepts": count, "erase_per": args.erase_per, "preserve_per": 0}
             request["preserve_per"] = args.preserve_per
-            specs.append({**sd, "label": f"sd14 uce {count} concepts", "method": "uce", "request": request})
+            specs.append(
+                {**sd, "label": f"sd14 uce {count} concepts", "method": "uce", "overrides": exact, "request": request}
+            )
+        for count in args.rece_concepts:
+            request = {"kind": "synthetic", "concepts": count, "erase_per": args.erase_per}
+            request["preserve_per"] = args.preserve_per
+            specs.append(
+                {
+                    **sd,
+                    "label": f"sd14 rece {count} concepts",
+                    "method": "rece",
+                    "overrides": exact,
+                    "request": request,
+                }
+            )
         one = {"kind": "synthetic", "concepts": 1, "erase_per": 2, "preserve_per": 0}
+        kept = {"kind": "synthetic", "concepts": 1, "erase_per": 2, "preserve_per": 5}
+        size = {"resolution": args.sd14_resolution} if args.sd14_resolution else {}
+        if args.sd14_ca:  # anchor images are setup; the figures that matter are per step
+            ca = {"steps": args.esd_iterations, "anchor_images": 2, "image_steps": 1, **size}
+            specs.append({**sd, "label": "sd14 ca", "method": "ca", "overrides": ca, "request": one})
+        if args.sd14_advunlearn:  # one plain warm-up iteration, then attacked ones with their inner steps
+            adv = {"iterations": args.esd_iterations, "warmup_iterations": 1, "attack_steps": args.attack_steps,
+                   "ddim_steps": args.esd_ddim_steps, "trajectories": 1, **size}  # fmt: skip
+            specs.append({**sd, "label": "sd14 advunlearn", "method": "advunlearn", "overrides": adv, "request": kept})
         for variant in args.sd14_esd:
             esd = {"iterations": args.esd_iterations, "ddim_steps": args.esd_ddim_steps, "preset": "paper"}
             if args.sd14_resolution:
@@ -678,6 +704,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--sd14", action=argparse.BooleanOptionalAction, default=True, help="SD 1.4-size runs")
     parser.add_argument("--uce-concepts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10, 100])
+    parser.add_argument("--rece-concepts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 100])
+    parser.add_argument("--sd14-ca", action=argparse.BooleanOptionalAction, default=True, help="SD 1.4 CA run")
+    parser.add_argument(
+        "--sd14-advunlearn", action=argparse.BooleanOptionalAction, default=True, help="SD 1.4 AdvUnlearn run"
+    )
+    parser.add_argument("--attack-steps", type=int, default=2, help="SD 1.4 AdvUnlearn inner steps per iteration")
     parser.add_argument("--erase-per", type=int, default=2, help="UCE erase prompts per synthetic concept")
     parser.add_argument("--preserve-per", type=int, default=2, help="UCE preserve prompts per synthetic concept")
     parser.add_argument(

@@ -215,10 +215,11 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
             "Write one HTML file (images inlined, no external assets) with, for each evaluation folder written by "
             "`erasure evaluate`: its comparison grid (DIR/grid.png, else drawn from the saved images), the metrics of "
             "every model with their provenance, and the erasure/preservation trade-off when DIR/sweep.json exists "
-            "(format: see erasure.report)."
+            "(format: see erasure.report); probe folders written by `erasure probe` go into a robustness section "
+            "(verdict, per-attack table and recovery chart)."
         ),
     )
-    parser.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="evaluation folder(s)")
+    parser.add_argument("folders", type=Path, nargs="+", metavar="DIR", help="evaluation and/or probe folder(s)")
     parser.add_argument("--out", type=Path, required=True, help="the HTML file to write")
     parser.add_argument("--title", default="Concept erasure report", help="page title")
     parser.add_argument(
@@ -232,5 +233,5 @@ def _run_report(args: argparse.Namespace) -> int:
     from erasure.report import write_report
 
     path = write_report(args.folders, args.out, title=args.title, per_group=args.per_group, overwrite=args.overwrite)
-    print(f"wrote {path} ({path.stat().st_size // 1024} KiB, {len(args.folders)} evaluation(s))")
+    print(f"wrote {path} ({path.stat().st_size // 1024} KiB, {len(args.folders)} folder(s))")
     return 0

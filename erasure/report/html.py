@@ -16,6 +16,7 @@ from PIL import Image
 from erasure import __version__
 from erasure.files import atomic_write_text
 from erasure.report.evaluations import Evaluation, ReportError, evaluation_grid, finite_number, load_evaluation
+from erasure.report.robustness import is_probe_folder, load_probe, robustness_section
 from erasure.report.svg import scale_svg, tradeoff_svg
 
 logger = logging.getLogger(__name__)
@@ -211,23 +212,29 @@ def render_report(
     """The report as one self-contained HTML string.
 
     Args:
-        folders: Evaluation folders (or loaded :class:`Evaluation` objects), in page order.
+        folders: Evaluation folders (or loaded :class:`Evaluation` objects), in page order, and probe folders
+            (``erasure probe --out``), gathered in a robustness section after them.
         title: Page title.
         per_group: Prompts per role in grids drawn from saved images.
 
     Returns:
         The HTML page.
     """
-    evaluations = [f if isinstance(f, Evaluation) else load_evaluation(f) for f in folders]
-    if not evaluations:
-        raise ReportError("Give at least one evaluation folder to report on.")
+    evaluations = [
+        f if isinstance(f, Evaluation) else load_evaluation(f)
+        for f in folders
+        if isinstance(f, Evaluation) or not is_probe_folder(f)
+    ]
+    probes = [load_probe(f) for f in folders if not isinstance(f, Evaluation) and is_probe_folder(f)]
+    if not evaluations and not probes:
+        raise ReportError("Give at least one evaluation or probe folder to report on.")
     created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     contents = "".join(
         f"<li><a href='#eval-{i}'>{html.escape(str(e.folder))}</a></li>" for i, e in enumerate(evaluations)
-    )
+    ) + ("<li><a href='#robustness'>Robustness</a></li>" if probes else "")
     sections = "\n".join(
         _section(e, per_group).replace("<section>", f"<section id='eval-{i}'>", 1) for i, e in enumerate(evaluations)
-    )
+    ) + robustness_section(probes)
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"

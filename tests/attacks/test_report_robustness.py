@@ -1,0 +1,46 @@
+"""The report's robustness section, from a real (tiny) probe folder: verdict, one row per attack, recovery chart."""
+
+import json
+import re
+
+import pytest
+from attack_helpers import CONCEPT, brightness_judge, red_selector, tiny, tiny_edit
+
+from erasure.attacks.suite import run_probe
+from erasure.report import ReportError, render_report
+from erasure.report.robustness import is_probe_folder, load_probe, recovery_svg
+
+
+@pytest.fixture(scope="module")
+def probe_folder(tmp_path_factory):
+    pipe = tiny()
+    out = tmp_path_factory.mktemp("probe") / "probe"
+    run_probe(
+        pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, out=out, attacks=["trajectory", "noise"],
+        steps=2, options={"trajectory": {"handoffs": (1,)}},
+    )  # fmt: skip
+    return out
+
+
+def test_a_probe_folder_becomes_a_robustness_section(probe_folder):
+    assert is_probe_folder(probe_folder) and not is_probe_folder(probe_folder.parent)
+    probe = load_probe(probe_folder)
+    page = render_report([probe_folder])
+    section = page[page.index("<section id='robustness'>") :]
+    assert probe.verdict["verdict"] in section and "href='#robustness'" in page
+    rows = re.findall(r"<tr><td>([a-z_ ]+)</td>", section)
+    assert rows == ["plain prompts", "trajectory", "noise"]
+    chart = recovery_svg(probe)
+    assert chart.count("<rect") == 2 and "base " in chart and "edited " in chart
+
+
+def test_a_broken_probe_folder_is_a_clear_error(probe_folder, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "summary.json").write_text((probe_folder / "summary.json").read_text(), encoding="utf-8")
+    (broken / "verdict.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ReportError, match="verdict.json cannot be read"):
+        render_report([broken])
+    (broken / "verdict.json").write_text(json.dumps({"no": "verdict"}), encoding="utf-8")
+    with pytest.raises(ReportError, match="no attacks or no verdict"):
+        render_report([broken])
