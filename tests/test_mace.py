@@ -1,0 +1,100 @@
+"""MACE (arXiv 2403.06135): token alignment, the three stages against their equations, several concepts at once."""
+
+import pytest
+import torch
+
+from erasure.concepts import Concept, EraseRequest
+from erasure.diffusion import encode_prompts
+from erasure.edit import pipeline_tensor
+from erasure.methods import get_method
+from erasure.methods.mace import MACEConfig, anchor_version, fuse, importance_weights, matching_indices
+from erasure.testing import tiny_pipeline
+
+PIP = Concept(name="pip", kind="character", erase=("pip", "a picture of pip"), anchor="a person")
+ZOG = Concept(name="zog", kind="character", erase=("zog", "a picture of zog"), anchor="a person")
+FAST = {"lora_steps": 2, "images": 2, "image_steps": 2, "resolution": 32, "expand": "off", "prior": "none"}
+
+
+def test_matching_indices_pair_prefix_suffix_and_padding_outside_the_concept_span():
+    concept = [0, 5, 6, 7, 9, 1]  # <sot> a picture of pip <eot>
+    anchor = [0, 5, 6, 7, 1]  # <sot> a picture of <eot>
+    old, new = matching_indices(concept, anchor, 10)
+    assert old[:5] == [0, 1, 2, 3, 5] and new[:5] == [0, 1, 2, 3, 4]  # prefix, then end-of-text with end-of-text
+    assert len(old) == len(new) and old[-1] == 9 and 4 not in old  # the concept token itself is never a row
+    assert [b - a for a, b in zip(old[4:], new[4:], strict=True)] == [-1] * 5  # padding paired after the suffix
+
+
+def test_anchor_version_replaces_whole_words_in_any_case():
+    assert anchor_version("a picture of Pip", PIP, "a person") == "a picture of a person"
+    assert anchor_version("Pip and pipes", PIP, "") == "and pipes"
+
+
+def test_importance_sampling_focuses_on_t_between_200_and_400():
+    weights = importance_weights(1000)
+    assert 250 <= int(weights.argmax()) <= 350
+    assert weights[0] < 1e-3 and weights[999] < 1e-3 and weights[300] > 0.9
+
+
+def test_fusion_reproduces_each_lora_on_its_own_concept_without_preservation():
+    generator = torch.Generator().manual_seed(0)
+    d, out = 12, 5
+    w_cfr, w0 = torch.randn(out, d, generator=generator, dtype=torch.float64), torch.randn(out, d, dtype=torch.float64)
+    inputs = [torch.randn(3, d, generator=generator, dtype=torch.float64) for _ in range(3)]  # 9 rows < 12 dims
+    maps = [w_cfr + 0.1 * torch.randn(out, d, generator=generator, dtype=torch.float64) for _ in range(3)]
+    fused = fuse(w_cfr, w0, inputs, maps, torch.zeros(0, d, dtype=torch.float64), torch.zeros(0), lam=1e-9)
+    for e, w_i in zip(inputs, maps, strict=True):
+        assert torch.allclose(e @ fused.T, e @ w_i.T, atol=1e-6)
+
+
+def test_cfr_moves_the_words_around_the_concept_towards_the_anchor_prompt():
+    pipe = tiny_pipeline("sd1")
+    edit = get_method("mace", **FAST | {"lora_steps": 0, "lam": 1e-3}).apply(
+        pipe, EraseRequest((PIP,)), progress=False
+    )
+    assert edit.config["stats"]["stages"] == "cfr" and edit.deltas
+    length = pipe.tokenizer.model_max_length
+    concept_ids = pipe.tokenizer("a picture of pip", truncation=True).input_ids
+    anchor_ids = pipe.tokenizer("a picture of a person", truncation=True).input_ids
+    old, new = matching_indices(concept_ids, anchor_ids, length)
+    e, e_anchor = (
+        encode_prompts(pipe, [p]).prompt_embeds[0].double() for p in ("a picture of pip", "a picture of a person")
+    )
+    key = next(k for k in edit.deltas if k.endswith("to_v.weight"))
+    w0 = pipeline_tensor(pipe, key).detach().double()
+    w = w0 + edit.deltas[key].double()
+    before = (e[old] @ w0.T - e_anchor[new] @ w0.T).norm()
+    after = (e[old] @ w.T - e_anchor[new] @ w0.T).norm()
+    assert after < 0.5 * before
+
+
+def test_several_concepts_in_one_request_each_get_a_lora():
+    pipe = tiny_pipeline("sd1")
+    edit = get_method("mace", **FAST | {"lora_steps": 6, "lr": 1e-2}).apply(
+        pipe, EraseRequest((PIP, ZOG)), progress=False
+    )
+    stats = edit.config["stats"]
+    assert stats["stages"] == "cfr+lora+fusion" and set(stats["lora_loss_first"]) == {"pip", "zog"}
+    assert all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in edit.deltas)
+
+
+@pytest.mark.parametrize(("options", "message"), [({"lam": -1}, "lam"), ({"rank": 0}, "rank"), ({"lr": 0}, "lr")])
+def test_bad_settings_name_the_option(options, message):
+    with pytest.raises(ValueError, match=message):
+        MACEConfig(**options)
+
+
+def test_the_lora_stage_removes_the_concept_tokens_attention_in_the_region():
+    pipe = tiny_pipeline("sd1")
+    method = get_method("mace", **FAST | {"lora_steps": 40, "lr": 3e-2, "importance_sampling": False})
+    curves = []
+    stage = method._lora
+
+    def recording(*args, **kwargs):
+        deltas, losses = stage(*args, **kwargs)
+        curves.append(losses)
+        return deltas, losses
+
+    method._lora = recording
+    method.apply(pipe, EraseRequest((PIP,)), progress=False)
+    (losses,) = curves
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])  # sum over layers of ||A[region, concept tokens]||_F falls
