@@ -19,13 +19,15 @@ Base and edited models generate from the same prompts and seeds, so the comparis
 accuracy is in its model card. Goals (from the issue): target rate <= 5% with neighbours keeping >= 95% of their
 base rate. Every run also records the UNet work of the erasure (``unet_rows``: batch rows of every UNet forward
 made by ``method.apply``, with and without gradients) and its wall time, so "work for equal erasure" is read off
-one table; ``NAME@LABEL`` runs one method under several settings in one call.
+one table; ``NAME@LABEL`` runs one method under several settings in one call. ``--together`` erases all the
+concepts in one request (one multi-concept edit per method) and scores every concept on that one edit.
 
 Examples::
 
     python scripts/measure_toyworld_erasure.py --methods uce --out runs/measure/uce.json
     python scripts/measure_toyworld_erasure.py --methods esd-x esd-x@fast --set esd-x@fast.preset=fast
     python scripts/measure_toyworld_erasure.py --methods uce --concepts red --set uce.erase_scale=2 --seeds 2
+    python scripts/measure_toyworld_erasure.py --methods mace rece --concepts pip striped red --together
 """
 
 from __future__ import annotations
@@ -90,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grids", type=Path, default=None, help="folder for base-vs-edited comparison grids")
     parser.add_argument("--out", type=Path, default=REPO / "runs/measure/measure.json", help="JSON results file")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument(
+        "--together", action="store_true",
+        help="erase every --concepts entry in one request (a multi-concept edit), then score each concept on it",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -275,7 +281,13 @@ def measure_method(
     args: argparse.Namespace,
 ) -> tuple[dict[str, Any], np.ndarray]:
     """Erase ``concept`` with method ``name``, generate the held-out images with the edit and judge them."""
-    prompts, seeds, n_target, _ = case
+    method, edit, work = erase(name, overrides, pipe, EraseRequest((concept,)), args)
+    work["overrides"] = overrides
+    return score(name, method, edit, work, pipe, judges, concept, case, base, args)
+
+
+def erase(name: str, overrides: dict[str, Any], pipe: Any, request: EraseRequest, args: argparse.Namespace) -> tuple:
+    """``(method, edit, work)``: the erasure of ``request``, with its UNet rows and seconds."""
     method = get_method(registered_name(name), **overrides)
     rows = {"unet_rows": 0, "unet_rows_with_grad": 0, "unet_forwards": 0}
 
@@ -287,10 +299,18 @@ def measure_method(
     hook = pipe.unet.register_forward_pre_hook(count_rows)
     started = time.monotonic()
     try:
-        edit = method.apply(pipe, EraseRequest((concept,)), progress=args.progress, base_model=args.model)
+        edit = method.apply(pipe, request, progress=args.progress, base_model=args.model)
     finally:
         hook.remove()
-    erase_seconds = time.monotonic() - started
+    return method, edit, rows | {"erase_seconds": round(time.monotonic() - started, 1)}
+
+
+def score(
+    name: str, method: Any, edit: Any, work: dict[str, Any], pipe: Any, judges: tuple, concept: Concept, case: tuple,
+    base: dict, args: argparse.Namespace,
+) -> tuple[dict[str, Any], np.ndarray]:  # fmt: skip
+    """Generate ``concept``'s held-out images with ``edit`` and judge them against the base images."""
+    prompts, seeds, n_target, _ = case
     started = time.monotonic()
     images = make_images(pipe, prompts, seeds, args, edit=edit)
     generate_seconds = time.monotonic() - started
@@ -300,9 +320,8 @@ def measure_method(
         "method": name,
         "concept": concept.name,
         "config": method.config.to_dict(),
-        "overrides": overrides,
-        "erase_seconds": round(erase_seconds, 1),
-        **rows,
+        **work,
+        "together": [c["name"] for c in edit.config.get("request", {}).get("concepts", [])],
         "generate_seconds": round(generate_seconds, 1),
         "edited_tensors": len(edit.deltas),
         "edit_stats": edit.config.get("stats", {}),
@@ -393,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     print(HEADER, flush=True)
+    if args.together:
+        return measure_together(args, overrides, pipe, (oracle, clip_judge), report)
     for concept_name in args.concepts:
         (concept, *_) = load_concepts(concept_path(concept_name)).concepts
         case = concept_cases(concept, args)
@@ -421,6 +442,31 @@ def main(argv: list[str] | None = None) -> int:
             args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
         if args.grids:
             save_grid(args.grids, concept, columns, prompts, seeds, n_target)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def measure_together(
+    args: argparse.Namespace, overrides: dict[str, dict[str, Any]], pipe: Any, judges: tuple, report: dict[str, Any]
+) -> int:
+    """``--together``: per method, one edit of every concept at once, scored on each concept's prompts."""
+    concepts = [load_concepts(concept_path(name)).concepts[0] for name in args.concepts]
+    cases, bases = {}, {}
+    for concept in concepts:
+        cases[concept.name] = concept_cases(concept, args)
+        prompts, seeds, _, per_prompt = cases[concept.name]
+        bases[concept.name] = judge_all(*judges, base_images(pipe, prompts, seeds, args))
+        report["concepts"][concept.name] = {"images_per_prompt": per_prompt, "target_prompts": list(concept.evaluate)}
+    for name in args.methods:
+        method, edit, work = erase(name, overrides[name], pipe, EraseRequest(tuple(concepts)), args)
+        work["overrides"] = overrides[name]
+        for concept in concepts:
+            result, _ = score(name, method, edit, work, pipe, judges, concept, cases[concept.name],
+                              bases[concept.name], args)  # fmt: skip
+            report["runs"].append(result)
+            print(format_row(result), flush=True)
+            print("  " + markdown_row(result), flush=True)
+            args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
     return 0
 

@@ -149,10 +149,12 @@ class RECE(UCE):
             with torch.no_grad():
                 current = [parameter.detach().to(torch.float64) for parameter in parameters.values()]
                 adversarial, clean, anchors = [], [], []
-                for prompt, anchor, regularisation in erase_pairs:
-                    adversarial.append(adversarial_embeddings(current, original, embeddings[prompt], regularisation))
-                    clean.append(embeddings[prompt])
-                    anchors.append(embeddings[anchor])
+                for regularisation in dict.fromkeys(r for _, _, r in erase_pairs):  # one solve per lambda_reg
+                    group = [(p, a) for p, a, r in erase_pairs if r == regularisation]
+                    c_group = torch.cat([embeddings[p] for p, _ in group])
+                    adversarial.append(adversarial_embeddings(current, original, c_group, regularisation))
+                    clean.append(c_group)
+                    anchors += [embeddings[a] for _, a in group]
                 c_adversarial = torch.cat(adversarial).to(device)
                 c_clean, c_anchor = torch.cat(clean), torch.cat(anchors)
                 before = _relative_residual(current, original, c_adversarial, c_clean)
