@@ -10,7 +10,8 @@ Two pipelines:
   (4 levels, so latents are 1/8 of the image side as in SD, but 32-64 channels: ESD and UCE never touch the VAE,
   Forget-Me-Not only encodes its images once) and a CLIP-style tokenizer generated in code
   (:func:`erasure.testing.tiny_tokenizer`) whose vocabulary holds synthetic concept names. On it: UCE with 1, 10
-  and 100 concepts, RECE with 1 and 100, ESD-x iterations, Forget-Me-Not steps, Concept Ablation steps (anchor
+  and 100 concepts, RECE with 1 and 100, MACE's closed-form stage with 10 and 100 and all three stages on 1
+  concept, ESD-x iterations, Forget-Me-Not steps, Concept Ablation steps (anchor
   images are setup) and AdvUnlearn iterations (one plain warm-up iteration, then attacked ones with
   ``--attack-steps`` inner steps each; the official 30 cost 30 times one inner step).
 
@@ -510,6 +511,14 @@ def _specs(args: argparse.Namespace) -> list[dict[str, Any]]:
         one = {"kind": "synthetic", "concepts": 1, "erase_per": 2, "preserve_per": 0}
         kept = {"kind": "synthetic", "concepts": 1, "erase_per": 2, "preserve_per": 5}
         size = {"resolution": args.sd14_resolution} if args.sd14_resolution else {}
+        for count in args.mace_concepts:  # the closed-form stage alone: CFR over every concept's prompts
+            request = {"kind": "synthetic", "concepts": count, "erase_per": args.erase_per, "preserve_per": 0}
+            mace = exact | {"lora_steps": 0, "prior": "none"}
+            specs.append({**sd, "label": f"sd14 mace cfr {count} concepts", "method": "mace", "overrides": mace,
+                          "request": request})  # fmt: skip
+        if args.mace_concepts:  # one concept through all three stages: the LoRA stage's cost per concept
+            mace = exact | {"lora_steps": args.esd_iterations, "images": 1, "image_steps": 1, "prior": "none", **size}
+            specs.append({**sd, "label": "sd14 mace 1 concept", "method": "mace", "overrides": mace, "request": one})
         if args.sd14_ca:  # anchor images are setup; the figures that matter are per step
             ca = {"steps": args.esd_iterations, "anchor_images": 2, "image_steps": 1, **size}
             specs.append({**sd, "label": "sd14 ca", "method": "ca", "overrides": ca, "request": one})
@@ -705,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sd14", action=argparse.BooleanOptionalAction, default=True, help="SD 1.4-size runs")
     parser.add_argument("--uce-concepts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 10, 100])
     parser.add_argument("--rece-concepts", type=lambda s: [int(x) for x in s.split(",")], default=[1, 100])
+    parser.add_argument("--mace-concepts", type=lambda s: [int(x) for x in s.split(",") if x], default=[10, 100])
     parser.add_argument("--sd14-ca", action=argparse.BooleanOptionalAction, default=True, help="SD 1.4 CA run")
     parser.add_argument(
         "--sd14-advunlearn", action=argparse.BooleanOptionalAction, default=True, help="SD 1.4 AdvUnlearn run"
