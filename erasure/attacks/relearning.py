@@ -12,8 +12,13 @@ steps: the curve of target rate against steps is the result, the rate at the las
 that left the concept a short weight-space distance away comes back in a few steps. ``parameters``: ``xattn_kv``
 (cross-attention keys and values, default), ``xattn``, or ``edit`` (exactly the tensors the edit touched). The
 data are base-model images of the concept's ``erase`` prompts at seeds ``train_seed + j`` (never the held-out
-images). Full fine-tuning of the subset, not LoRA (MemoRa's rank-4 LoRA is a constraint on ``Delta``; a plain subset
-is the stronger attacker for the same steps). Every trained tensor is restored bit for bit afterwards.
+images). ``rank = 0`` (default) fine-tunes the subset in full, the stronger attacker for the same steps; ``rank =
+r`` constrains ``Delta`` to a rank-``r`` LoRA ``B A`` per 2-D weight (MemoRa's rank 4), run as a forward hook so
+the weights themselves never change. Every trained tensor is restored bit for bit afterwards.
+
+**Benign resurgence** (``resurgence``, Suriyakumar et al.): the same fine-tuning on base images of the concept's
+*neighbours* only (its ``preserve`` prompts), never on the concept. A concept that comes back from fine-tuning on
+other data was hidden, not removed: the fine-tuning only has to undo the edit's suppression.
 
 As with textual inversion, fine-tuning can teach a concept to a model that never knew it: compare with the suite's
 ``reference``. ``paper``: MemoRa's 10 steps at lr 1e-4 (``gmum/MemoRa`` ``configs/reunlearning_nudity.yaml``).
@@ -21,6 +26,7 @@ As with textual inversion, fine-tuning can teach a concept to a model that never
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +40,7 @@ from erasure.methods.base import select_unet_parameters
 from erasure.prompt_sets import PromptRow
 from erasure.sampling import ddim_scheduler, forward_noise, images_to_latents
 
-__all__ = ["Relearning", "RelearningConfig"]
+__all__ = ["Relearning", "RelearningConfig", "Resurgence"]
 
 
 @dataclass
@@ -47,6 +53,10 @@ class RelearningConfig(AttackConfig):
     images: int = field(default=32, metadata={"help": "base-model training images"})
     parameters: str = field(default="xattn_kv", metadata={"help": "xattn_kv, xattn, or edit (the edit's tensors)"})
     train_seed: int = field(default=200_000, metadata={"help": "seed of the first training image"})
+    data: str = field(
+        default="concept", metadata={"help": "training prompts: concept (erase) or neighbours (preserve)"}
+    )
+    rank: int = field(default=0, metadata={"help": "0: fine-tune the subset in full; r: a rank-r LoRA per weight"})
 
     PRESETS = {
         "toy": {"checkpoints": (10, 25, 50), "lr": 1e-4, "images": 32},
@@ -61,6 +71,10 @@ class RelearningConfig(AttackConfig):
             )
         if list(self.checkpoints) != sorted(set(self.checkpoints)):
             raise AttackError("RelearningConfig: checkpoints must be increasing step counts.")
+        if self.data not in ("concept", "neighbours"):
+            raise AttackError(f"RelearningConfig: data must be concept or neighbours, not {self.data!r}.")
+        if self.rank < 0:
+            raise AttackError(f"RelearningConfig: rank must be >= 0 (0: full fine-tuning), not {self.rank}.")
 
 
 @register("relearning")
@@ -78,28 +92,51 @@ class Relearning(Attack):
         found = select_unet_parameters(ctx.pipe.unet, "unet")
         return {key: found[key] for key in ctx.edit.deltas if key in found}
 
+    def _lora(
+        self, ctx: AttackContext, parameters: dict[str, torch.nn.Parameter], hooks: contextlib.ExitStack,
+        generator: torch.Generator,
+    ) -> list[torch.Tensor]:  # fmt: skip
+        """Rank-``r`` factors (A random, B zero) on every 2-D weight, added by forward hooks until ``hooks`` closes."""
+        factors, self._lora_factors = [], {}
+        for key, parameter in parameters.items():
+            if parameter.ndim != 2:
+                raise AttackError(f"relearning with rank > 0 adapts 2-D weights only; {key} has {parameter.ndim}.")
+            module = ctx.pipe.unet.get_submodule(key.removeprefix("unet.").removesuffix(".weight"))
+            a = torch.randn(self.config.rank, parameter.shape[1], generator=generator) / parameter.shape[1] ** 0.5
+            a = a.to(parameter).requires_grad_(True)
+            b = torch.zeros(parameter.shape[0], self.config.rank).to(parameter).requires_grad_(True)
+            handle = module.register_forward_hook(lambda m, args, out, a=a, b=b: out + (args[0] @ a.T) @ b.T)
+            hooks.callback(handle.remove)
+            factors += [a, b]
+            self._lora_factors[key] = (a, b)
+        return factors
+
     def _run(self, ctx: AttackContext, concept: Concept, rows: list[PromptRow]) -> AttackResult:
         config = self.config
         generator = torch.Generator().manual_seed(config.seed)
-        train = [
-            PromptRow(j, concept.erase[j % len(concept.erase)], config.train_seed + j) for j in range(config.images)
-        ]
+        sources = concept.erase if config.data == "concept" else concept.preserve
+        if not sources:
+            raise AttackError(
+                f"Concept '{concept.name}' has no preserve prompts: benign resurgence fine-tunes on its neighbours."
+            )
+        train = [PromptRow(j, sources[j % len(sources)], config.train_seed + j) for j in range(config.images)]
         pipe = ctx.pipe
         latents = images_to_latents(pipe, ctx.base_images(train), ctx.size, generator)
         with torch.no_grad():
             captions = ctx.encode([r.prompt for r in train]).prompt_embeds
         prompts, seeds = [r.prompt for r in rows], [r.evaluation_seed for r in rows]
         curve, records, hits, images = [], [], [], None
-        with ctx.model("edited"):
+        with ctx.model("edited"), contextlib.ExitStack() as hooks:
             parameters = self._parameters(ctx)
             snapshot = {key: p.detach().clone() for key, p in parameters.items()}
             flags = {key: p.requires_grad for key, p in parameters.items()}
-            optimizer = torch.optim.Adam(parameters.values(), lr=config.lr)
+            trained = list(parameters.values()) if not config.rank else self._lora(ctx, parameters, hooks, generator)
+            optimizer = torch.optim.Adam(trained, lr=config.lr)
             kind = str(pipe.scheduler.config.get("prediction_type", "epsilon"))
             abar_all = ddim_scheduler(pipe).alphas_cumprod
             losses, done = [], 0
             try:
-                for p in parameters.values():
+                for p in trained:
                     p.requires_grad_(True)
                 for variant, checkpoint in enumerate(config.checkpoints):
                     for _ in range(checkpoint - done):
@@ -127,7 +164,11 @@ class Relearning(Attack):
                         }
                         for r, h in zip(rows, hits, strict=True)
                     ]  # fmt: skip
-                distance = sum(float((p.detach() - snapshot[k]).norm() ** 2) for k, p in parameters.items()) ** 0.5
+                if config.rank:  # the LoRA's weight change B A; the weights themselves never moved
+                    moved = {k: b.detach() @ a.detach() for k, (a, b) in self._lora_factors.items()}
+                else:
+                    moved = {k: p.detach() - snapshot[k] for k, p in parameters.items()}
+                distance = sum(float(delta.norm() ** 2) for delta in moved.values()) ** 0.5
             finally:
                 with torch.no_grad():
                     for key, p in parameters.items():
@@ -136,3 +177,17 @@ class Relearning(Attack):
                         p.grad = None
         notes = {"losses": losses, "weight_distance": distance, "tensors": len(parameters)}
         return self.result(rows, hits, records=records, images=images, curve=curve, notes=notes)
+
+
+@dataclass
+class ResurgenceConfig(RelearningConfig):
+    """Benign resurgence: relearning's settings, trained on the neighbours' images."""
+
+    data: str = field(default="neighbours", metadata={"help": "training prompts: neighbours (preserve) or concept"})
+
+
+@register("resurgence")
+class Resurgence(Relearning):
+    """Fine-tune on the concept's neighbours only; does the concept come back anyway?"""
+
+    config_class = ResurgenceConfig

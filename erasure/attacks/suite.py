@@ -53,7 +53,11 @@ __all__ = ["REFERENCE_SURFACES", "SUITES", "check_out", "run_probe"]
 
 _QUICK = ("paraphrase", "ring_a_bell", "trajectory", "noise", "inpaint")
 _STANDARD = (*_QUICK, "unlearndiffatk", "p4d", "inversion")
-SUITES: dict[str, tuple[str, ...]] = {"quick": _QUICK, "standard": _STANDARD, "full": (*_STANDARD, "relearning")}
+SUITES: dict[str, tuple[str, ...]] = {
+    "quick": _QUICK,
+    "standard": _STANDARD,
+    "full": (*_STANDARD, "relearning", "resurgence"),
+}
 #: Surfaces whose attacks can teach a concept to any model: also run on the reference model.
 REFERENCE_SURFACES: tuple[str, ...] = ("embedding", "weights")
 PER_IMAGE_COLUMNS = (

@@ -7,7 +7,9 @@ import erasure.attacks as attacks
 from erasure.attacks.base import AttackError, evaluation_rows
 from erasure.attacks.context import AttackContext
 from erasure.attacks.inpaint import centre_mask, inpaint
+from erasure.attacks.relearning import Relearning
 from erasure.attacks.trajectory import complete
+from erasure.concepts import Concept
 from erasure.edit import fingerprint
 from erasure.generate import generate
 
@@ -23,6 +25,7 @@ TINY = {
     "p4d": {"steps": 2, "batch_size": 2, "bank": 4, "eval_every": 0},
     "inversion": {"steps": 2, "batch_size": 2, "images": 2},
     "relearning": {"checkpoints": (1, 2), "batch_size": 2, "images": 2, "lr": 1e-2},
+    "resurgence": {"checkpoints": (1,), "batch_size": 2, "images": 2, "lr": 1e-2},
 }
 
 
@@ -98,10 +101,9 @@ def test_inversion_round_trips_through_load_textual_inversion(tmp_path):
     assert unet_fingerprint(pipe) == before_unet
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", sorted(attacks.ATTACKS))
 def test_every_registered_attack_runs_judges_its_rows_and_restores_the_pipeline(name):
-    if name not in attacks.ATTACKS:
-        pytest.skip(f"{name} is not registered")
+    assert name in TINY, f"give {name} a tiny budget in TINY"
     pipe = tiny()
     before = unet_fingerprint(pipe)
     ctx = context(pipe, tiny_edit(pipe))
@@ -116,3 +118,31 @@ def test_every_registered_attack_runs_judges_its_rows_and_restores_the_pipeline(
     for row in result.prompts:
         assert row.extra["attack"] == name
     assert unet_fingerprint(pipe) == before and ctx.state == "base"
+
+
+def test_resurgence_trains_on_the_neighbours_and_a_lora_relearning_leaves_the_weights_alone():
+    pipe = tiny()
+    edit = tiny_edit(pipe)
+    ctx = context(pipe, edit)
+    seen = []
+    images = ctx.base_images
+
+    def recording(rows):
+        seen.extend(r.prompt for r in rows)
+        return images(rows)
+
+    ctx.base_images = recording
+    attacks.get_attack("resurgence", **TINY["resurgence"]).run(ctx, CONCEPT)
+    assert set(seen[: TINY["resurgence"]["images"]]) <= set(CONCEPT.preserve)  # never the concept's prompts
+    before = unet_fingerprint(pipe)
+    weights = {k: p.detach().clone() for k, p in pipe.unet.named_parameters() if k.endswith("attn2.to_k.weight")}
+    lora = attacks.get_attack("relearning", **TINY["relearning"] | {"rank": 2})
+    assert isinstance(lora, Relearning)
+    result = lora.run(ctx, CONCEPT)  # the LoRA hooks add B A to the outputs; the weights are never written
+    assert result.notes["weight_distance"] > 0 and unet_fingerprint(pipe) == before
+    assert all(torch.equal(p, weights[k]) for k, p in pipe.unet.named_parameters() if k in weights)
+    with pytest.raises(AttackError, match="rank must be"):
+        attacks.get_attack("relearning", rank=-1)
+    with pytest.raises(AttackError, match="no preserve prompts"):
+        lonely = Concept(name="Pip", kind="character", erase=("pip",), evaluate=("an image of pip",))
+        attacks.get_attack("resurgence", **TINY["resurgence"]).run(ctx, lonely)
