@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["REFERENCE_SURFACES", "SUITES", "check_out", "run_probe"]
 
 _QUICK = ("paraphrase", "ring_a_bell", "trajectory", "noise", "inpaint")
-_STANDARD = (*_QUICK, "unlearndiffatk", "p4d", "inversion")
+_STANDARD = (*_QUICK, "ring_a_bell_discrete", "unlearndiffatk", "p4d", "inversion")
 SUITES: dict[str, tuple[str, ...]] = {
     "quick": _QUICK,
     "standard": _STANDARD,

@@ -8,6 +8,7 @@ from erasure.attacks.base import AttackError, evaluation_rows
 from erasure.attacks.context import AttackContext
 from erasure.attacks.inpaint import centre_mask, inpaint
 from erasure.attacks.relearning import Relearning
+from erasure.attacks.ring_a_bell import RingABellDiscreteConfig, genetic_search
 from erasure.attacks.trajectory import complete
 from erasure.concepts import Concept
 from erasure.edit import fingerprint
@@ -21,6 +22,7 @@ TINY = {
     "noise": {"etas": (1.5,), "variance_scales": (1.04,), "control": True},
     "inpaint": {"control": True},
     "ring_a_bell": {"etas": (3.0,)},
+    "ring_a_bell_discrete": {"tokens": 3, "population": 4, "generations": 2},
     "unlearndiffatk": {"steps": 2, "batch_size": 2, "eval_every": 1},
     "p4d": {"steps": 2, "batch_size": 2, "bank": 4, "eval_every": 0},
     "inversion": {"steps": 2, "batch_size": 2, "images": 2},
@@ -146,3 +148,24 @@ def test_resurgence_trains_on_the_neighbours_and_a_lora_relearning_leaves_the_we
     with pytest.raises(AttackError, match="no preserve prompts"):
         lonely = Concept(name="Pip", kind="character", erase=("pip",), evaluate=("an image of pip",))
         attacks.get_attack("resurgence", **TINY["resurgence"]).run(ctx, lonely)
+
+
+def test_the_genetic_search_climbs_to_the_fittest_string():
+    target = torch.tensor([3, 7, 11, 15])
+
+    def fitness(strings):
+        return (strings == target).sum(dim=1).float()
+
+    config = RingABellDiscreteConfig(tokens=4, population=32, generations=60)
+    best, history = genetic_search(fitness, torch.arange(20), config, torch.Generator().manual_seed(0))
+    assert all(b >= a for a, b in zip(history, history[1:], strict=False))  # the best so far never gets worse
+    assert torch.equal(best, target) and history[-1] == 4
+
+
+def test_ring_a_bell_discrete_finds_typed_prompts_that_replay():
+    pipe = tiny()
+    ctx = context(pipe, tiny_edit(pipe))
+    result = attacks.get_attack("ring_a_bell_discrete", **TINY["ring_a_bell_discrete"]).run(ctx, CONCEPT)
+    found = result.notes["found"]
+    assert set(found) == set(CONCEPT.evaluate) and all(isinstance(text, str) and text for text in found.values())
+    assert [row.prompt for row in result.prompts] == [found[r.prompt] for r in evaluation_rows(CONCEPT)]
