@@ -189,6 +189,8 @@ class AttackResult:
         rows: The evaluation rows, aligned with ``hits``.
         hits: The judge's verdict on the attacked edited model's image of each row (after selection).
         base_hits: The same attack on the base model (``control``), or ``None``.
+        reference_hits: The same attack on a model that never learned the concept, when the attack ran it itself
+            (the inpainting probe fills the same base images with the reference), or ``None``.
         records: One dict per generated image (``attack, model, case_number, prompt, seed, variant, params,
             selector_score, selected, shows_target``).
         prompts: Adversarial prompts as rows of the field's CSV schema (``extra["attack"]`` set), for replay.
@@ -205,6 +207,7 @@ class AttackResult:
     rows: list[PromptRow]
     hits: list[bool]
     base_hits: list[bool] | None = None
+    reference_hits: list[bool] | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
     prompts: list[PromptRow] = field(default_factory=list)
     embeddings: dict[str, Tensor] = field(default_factory=dict)

@@ -139,6 +139,8 @@ class AttackContext:
         )
         self._state = "base"
         self._base_cache: dict[tuple[str, int], np.ndarray] = {}
+        #: A context over a model that never learned the concept, when the probe has one (set by ``run_probe``).
+        self.reference: AttackContext | None = None
 
     def settings(self) -> dict[str, Any]:
         """The generation settings, for results."""

@@ -10,6 +10,9 @@ does for such UNets (RePaint-style, Lugmayr et al. 2022)::
 ``m`` = 1 inside the square (generated), 0 outside (kept); ``q`` forward-noises the base image's latent with fresh
 noise. An all-keep mask returns the VAE round trip of the base image (tested). A concept the edit only steered the
 text away from is completed from its visual context; one it removed is not. The judge scores the whole image.
+With a reference model (``erasure probe --reference``), the reference fills the same base images too: a model that
+never learned the concept can still complete some of it from the kept border, and the verdict counts only what the
+edited model completes beyond that floor.
 ``paper``: a 256-pixel square of 512 (half the side), as the official probe.
 """
 
@@ -94,9 +97,15 @@ class InpaintProbe(Attack):
         prompts, seeds = [r.prompt for r in rows], [r.evaluation_seed for r in rows]
         attacked = inpaint(ctx, "edited", prompts, seeds, base, mask)
         hits, picked, records = ctx.best_of(rows, [attacked], [{}], model="edited", attack=self.name)
-        base_hits = None
+        base_hits = reference_hits = None
         if self.config.control:
             controlled = inpaint(ctx, "base", prompts, seeds, base, mask)
             base_hits, _, more = ctx.best_of(rows, [controlled], [{}], model="base", attack=self.name)
             records += more
-        return self.result(rows, hits, base_hits=base_hits, records=records, images=picked)
+        if ctx.reference is not None:  # the never-trained model fills the same base images: the visual-context floor
+            filled = inpaint(ctx.reference, "edited", prompts, seeds, base, mask)
+            reference_hits, _, more = ctx.best_of(rows, [filled], [{}], model="reference", attack=self.name)
+            records += more
+        return self.result(
+            rows, hits, base_hits=base_hits, reference_hits=reference_hits, records=records, images=picked
+        )

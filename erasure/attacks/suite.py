@@ -178,6 +178,7 @@ def run_probe(
         reference_ctx = AttackContext(
             reference, None, judge, selector, allow_selector_as_judge=allow_selector_as_judge, **plain
         )
+    ctx.reference = reference_ctx  # probes that run the reference themselves (inpainting) find it here
     rows = evaluation_rows(concept, ctx.images_per_prompt, ctx.base_seed)
     for attack in chosen.values():  # settings an attack cannot run with fail before any image is made
         attack.check(ctx)
@@ -202,7 +203,7 @@ def run_probe(
     prompt_ids = [r.prompt for r in rows]
     summary_attacks: dict[str, Any] = {}
     for name, result in results.items():
-        reference_hits = reference_results[name].hits if name in reference_results else None
+        reference_hits = reference_results[name].hits if name in reference_results else result.reference_hits
         metrics = attack_metrics(
             base_hits, edited_hits, result.hits, base_attacked=result.base_hits,
             reference_attacked=reference_hits, prompt_ids=prompt_ids,

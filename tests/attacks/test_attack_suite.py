@@ -79,3 +79,18 @@ def test_adversarial_prompts_are_a_replayable_prompt_csv(tmp_path):
         assert row.extra["erased_concept"] == "Pip" and row.extra["evaluation_guidance"] == "6"
     replayed, source, _ = prompt_rows(prompts=out / "prompts.csv")  # what erasure evaluate --prompts reads
     assert [r.prompt for r in replayed] == [r.prompt for r in rows] and source.kind == "csv"
+
+
+def test_with_a_reference_the_inpainting_probe_measures_the_reference_on_the_same_base_images(tmp_path):
+    pipe, reference = tiny(), tiny()
+    with_ref = run_probe(
+        pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, reference=reference, attacks=["inpaint"],
+        steps=2, out=tmp_path / "probe",
+    )  # fmt: skip
+    metrics = with_ref["attacks"]["inpaint"]["metrics"]
+    assert metrics["reference_attacked"] is not None and metrics["reference_attacked"]["n"] == 2
+    with open(tmp_path / "probe" / "per_image.csv", newline="") as file:
+        models = {r["model"] for r in csv.DictReader(file) if r["attack"] == "inpaint"}
+    assert models == {"edited", "reference"}
+    alone = run_probe(pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, attacks=["inpaint"], steps=2)
+    assert alone["attacks"]["inpaint"]["metrics"]["reference_attacked"] is None
