@@ -110,3 +110,12 @@ def test_toyworld_csvs_use_the_held_out_prompts_as_erased_and_preserved():
         assert {r.prompt for r in rows if r.row_type == "erased"} == set(concept.evaluate)
         assert {r.prompt for r in rows if r.row_type == "preserved"} == set(concept.evaluate_preserve)
         assert sum(r.row_type == "erased" for r in rows) >= 32
+
+
+def test_the_preservation_prompts_are_plain_captions_the_tokenizer_can_hold():
+    lines = (PROMPTS / "preservation" / "generic.txt").read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert len(prompts) >= 100 and len(set(prompts)) == len(prompts)
+    assert all(len(p.split()) <= 20 for p in prompts)
+    names = {c.name.lower() for path in TOMLS for c in load_concepts(path).concepts}
+    assert not [p for p in prompts if any(name in p.lower().split() for name in names)], "a caption names a concept"
