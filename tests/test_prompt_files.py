@@ -117,5 +117,6 @@ def test_the_preservation_prompts_are_plain_captions_the_tokenizer_can_hold():
     prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     assert len(prompts) >= 100 and len(set(prompts)) == len(prompts)
     assert all(len(p.split()) <= 20 for p in prompts)
-    names = {c.name.lower() for path in TOMLS for c in load_concepts(path).concepts}
-    assert not [p for p in prompts if any(name in p.lower().split() for name in names)], "a caption names a concept"
+    # none names a shipped real-SD concept (MACE also drops, per request, every caption with the concept's words)
+    names = {c.name.lower() for path in TOMLS if "sd" in path.parts for c in load_concepts(path).concepts}
+    assert not [p for p in prompts if any(name in p.lower() for name in names)], "a caption names a concept"
