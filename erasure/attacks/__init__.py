@@ -50,7 +50,20 @@ ATTACKS: dict[str, type[Attack]] = {}
 _A = TypeVar("_A", bound=type[Attack])
 #: Modules shared by the attacks (everything else in the package is an attack and registers itself).
 _SHARED_MODULES = frozenset(
-    {"base", "context", "cost", "judges", "models", "optimise", "override", "run", "sampler", "suite", "verdict"}
+    {
+        "base",
+        "context",
+        "cost",
+        "judges",
+        "likelihood",
+        "models",
+        "optimise",
+        "override",
+        "run",
+        "sampler",
+        "suite",
+        "verdict",
+    }
 )
 
 

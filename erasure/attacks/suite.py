@@ -41,6 +41,7 @@ from typing import Any
 from erasure.attacks import ATTACKS, get_attack
 from erasure.attacks.base import AttackError, AttackResult, evaluation_rows
 from erasure.attacks.context import AttackContext
+from erasure.attacks.likelihood import LikelihoodConfig, likelihood_gaps
 from erasure.attacks.override import save_learned_embeds
 from erasure.attacks.verdict import attack_metrics, decide, rate_interval
 from erasure.concepts import Concept
@@ -111,6 +112,7 @@ def run_probe(
     allow_selector_as_judge: bool = False,
     overwrite: bool = False,
     provenance: Mapping[str, Any] | None = None,
+    likelihood: bool = True,
     **settings: Any,
 ) -> dict[str, Any]:
     """Run the suite's attacks on ``edit`` and return the summary (verdict included); write it to ``out``.
@@ -130,6 +132,8 @@ def run_probe(
         allow_selector_as_judge: Permit ``selector is judge`` (recorded).
         overwrite: Replace an existing non-empty ``out``.
         provenance: What the models are (paths, kinds), recorded as the summary's ``models``.
+        likelihood: Also measure the likelihood gaps (:mod:`erasure.attacks.likelihood`): evidence on whether the
+            edit lowered the concept's unconditional likelihood, recorded beside the verdict (``likelihood``).
         **settings: :class:`~erasure.attacks.context.AttackContext` settings (``steps``, ``guidance``,
             ``images_per_prompt``, ``base_seed``, ``batch_size``, ``size``, ``scale``, ``suppression``,
             ``negative_prompt``). ``suppression="negative-prompt"`` without a negative prompt uses the concept's
@@ -216,14 +220,23 @@ def run_probe(
             "reference_cost": reference_results[name].cost if name in reference_results else None,
             "notes": {k: v for k, v in result.notes.items() if k not in ("losses", "settings")},
         }
+    gaps = None
+    if likelihood:  # evidence on the mechanism, beside the verdict (it does not decide it)
+        with ctx.meter() as likelihood_cost:
+            config = LikelihoodConfig(images=min(LikelihoodConfig.images, len(rows)), seed=ctx.base_seed)
+            gaps = likelihood_gaps(ctx, concept, config)
+        gaps["cost"] = likelihood_cost.summary()
     verdict = decide({"base": base_hits, "edited": edited_hits}, summary_attacks, reference=reference is not None)
+    if gaps is not None:
+        verdict["likelihood"] = {key: gaps[key] for key in ("D_uncond", "D_cond", "pattern")}
     settings_record = ctx.settings()
     verdict["judge"], verdict["selector"] = settings_record["judge"], settings_record["selector"]
     verdict["selector_is_judge"] = settings_record["selector_is_judge"]
     verdict["suppression"] = settings_record["suppression"]
     total = dict(columns_cost.summary())
-    for result in [*results.values(), *reference_results.values()]:
-        for key, value in result.cost.items():
+    costs = [result.cost for result in [*results.values(), *reference_results.values()]]
+    for cost in costs + ([gaps["cost"]] if gaps else []):
+        for key, value in cost.items():
             total[key] = total.get(key, 0) + value
     summary = {
         "concept": concept.name,
@@ -240,6 +253,7 @@ def run_probe(
             "cost": columns_cost.summary(),
         },
         "attacks": summary_attacks,
+        "likelihood": gaps,
         "verdict": verdict,
         "cost": total,
     }

@@ -24,7 +24,11 @@ def _add_common(parser: argparse.ArgumentParser, set_form: str) -> None:
     parser.add_argument("--model", required=True, help="base pipeline: hub id, diffusers folder or .safetensors file")
     parser.add_argument("--model-config", help=MODEL_CONFIG_HELP)
     under_test = parser.add_argument_group("the model under test (one of)").add_mutually_exclusive_group(required=True)
-    under_test.add_argument("--edit", metavar="RUN", help="an edit folder (erasure erase's output) of --model")
+    under_test.add_argument(
+        "--edit", metavar="RUN",
+        help="an edit folder (erasure erase's output) of --model; a generation-time edit (negative-prompt, sld) "
+        "probes --model sampled with it",
+    )  # fmt: skip
     under_test.add_argument("--weights", metavar="FILE", help="a partial UNet state dict (.safetensors) of --model")
     under_test.add_argument("--model2", metavar="M2", help="a peer's full checkpoint of --model's architecture")
     under_test.add_argument(
