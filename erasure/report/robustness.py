@@ -117,6 +117,16 @@ def recovery_svg(probe: Probe, width: int = 520, bar: int = 22) -> str:
     return "".join(parts)
 
 
+def _likelihood_line(gaps: Mapping[str, Any] | None) -> str:
+    """The likelihood gaps in one sentence (empty when the probe did not measure them)."""
+    if not gaps:
+        return ""
+    return (
+        f"<p>Likelihood gaps: {html.escape(str(gaps.get('pattern', '')))}; D_uncond {_gap(gaps.get('D_uncond'))}, "
+        f"D_cond {_gap(gaps.get('D_cond'))} (edited minus base denoising loss, concept minus neighbours).</p>"
+    )
+
+
 def _probe_section(probe: Probe) -> str:
     verdict, summary = probe.verdict, probe.summary
     models = summary.get("models") or {}
@@ -149,7 +159,8 @@ def _probe_section(probe: Probe) -> str:
         f"{' Generation-time suppression: ' + html.escape(str(suppression)) + '.' if suppression else ''} Judge "
         f"{html.escape(str((verdict.get('judge') or {}).get('kind', '?')))}, selector "
         f"{html.escape(str((verdict.get('selector') or {}).get('kind', '?')))}.</p>"
-        "<table><tr><th>attack</th><th>surface</th><th>target rate attacked</th><th>gap closed</th>"
+        + _likelihood_line(summary.get("likelihood"))
+        + "<table><tr><th>attack</th><th>surface</th><th>target rate attacked</th><th>gap closed</th>"
         "<th>ASR (of erased prompts)</th><th>cost</th></tr>" + "".join(rows) + "</table>" + recovery_svg(probe)
     )
 

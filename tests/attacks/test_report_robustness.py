@@ -30,6 +30,7 @@ def test_a_probe_folder_becomes_a_robustness_section(probe_folder):
     assert probe.verdict["verdict"] in section and "href='#robustness'" in page
     rows = re.findall(r"<tr><td>([a-z_ ]+)</td>", section)
     assert rows == ["plain prompts", "trajectory", "noise"]
+    assert "Likelihood gaps:" in section and probe.summary["likelihood"]["pattern"] in section
     chart = recovery_svg(probe)
     assert chart.count("<rect") == 2 and "base " in chart and "edited " in chart
 
