@@ -50,6 +50,7 @@ from erasure.evaluation.functional import (
     BOOTSTRAP_DRAWS,
     BOOTSTRAP_SEED,
     bootstrap_interval,
+    paired_bootstrap,
     paired_ratio_interval,
 )
 
@@ -66,19 +67,6 @@ VERDICTS: tuple[str, ...] = ("not erased", "suppressed", "removed", "inconclusiv
 DRAWS = BOOTSTRAP_DRAWS
 SEED = BOOTSTRAP_SEED
 LEVEL = 0.95
-
-
-def _resamples(n: int, draws: int, seed: int) -> np.ndarray:
-    """The image indices of every resample, drawn as the evaluation's intervals draw them."""
-    return np.random.default_rng(seed).integers(n, size=(draws, n))
-
-
-def _quantiles(values: np.ndarray, level: float) -> tuple[float, float] | tuple[None, None]:
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return None, None
-    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
 
 
 def rate_interval(
@@ -129,8 +117,8 @@ def gap_closed(
     arrays = [np.asarray(x, dtype=float) for x in lists]
     extra = arrays[3] if base_attacked is not None else None
     value = float(_gap(arrays[0], arrays[1], arrays[2], extra))
-    rows = _resamples(len(base), draws, seed)
-    low, high = _quantiles(_gap(*(a[rows] for a in arrays[:3]), None if extra is None else extra[rows]), level)
+    interval = paired_bootstrap(lists, lambda b, e, a, x=None: _gap(b, e, a, x), level, draws, seed)
+    low, high = interval if interval else (None, None)
     return {"value": None if np.isnan(value) else value, "low": low, "high": high}
 
 

@@ -19,14 +19,16 @@ Metrics
   ``cmmd/distance.py``) the default is the minimum-variance (biased, V-statistic) estimator, exactly 0 for
   identical sets; ``unbiased=True`` gives the U-statistic. The paper embeds with CLIP ViT-L/14@336; values from
   other CLIP models are not comparable with published numbers.
-* :func:`bootstrap_interval` and :func:`paired_ratio_interval`: percentile-bootstrap intervals of a rate and of a
-  paired ratio of rates (a judge's target rate, its neighbour rate edited / base), images resampled with
-  replacement from a fixed seed, so the same verdicts always give the same interval.
+* :func:`paired_bootstrap`: the percentile-bootstrap interval of any statistic of aligned per-image columns (the
+  same images judged on several models), image indices drawn once per resample for every column; with it
+  :func:`bootstrap_interval` (a rate), :func:`paired_ratio_interval` (edited / base rate) and the probe's gap
+  closed. Images are resampled with replacement from a fixed seed, so the same verdicts always give the same
+  interval.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,6 +48,7 @@ __all__ = [
     "generality",
     "harmonic_mean",
     "paired_preservation",
+    "paired_bootstrap",
     "paired_ratio_interval",
     "specificity",
     "target_vs_anchor",
@@ -273,13 +276,51 @@ def cmmd(x: Tensor, y: Tensor, sigma: float = CMMD_SIGMA, scale: float = CMMD_SC
     return float(scale * (k_xx + k_yy - 2.0 * k_xy))
 
 
+def paired_bootstrap(
+    columns: Sequence[Sequence[float]],
+    statistic: Callable[..., np.ndarray],
+    level: float = 0.95,
+    draws: int = BOOTSTRAP_DRAWS,
+    seed: int = BOOTSTRAP_SEED,
+) -> tuple[float, float] | None:
+    """Percentile-bootstrap interval of a statistic of aligned per-image columns.
+
+    Entry ``i`` of every column belongs to the same image (the same prompt and seed, judged on several models), so
+    each resample draws image indices once and takes every column's entry of each drawn image: the interval keeps
+    the pairing. Resamples where the statistic is not finite (a ratio over a zero rate) are left out.
+
+    Args:
+        columns: Equal-length sequences of numbers (flags count as 0/1), one per model or judge.
+        statistic: Called with one ``[draws, n]`` array per column; returns ``[draws]`` values.
+        level: Coverage of the interval.
+        draws: Bootstrap resamples.
+        seed: Seed of the resampling (``numpy.random.default_rng``).
+
+    Returns:
+        ``(low, high)``, or ``None`` for no images or no finite resample.
+
+    Raises:
+        ValueError: If the columns differ in length.
+    """
+    arrays = [np.asarray(column, dtype=float) for column in columns]
+    if len({len(a) for a in arrays}) != 1:
+        raise ValueError(f"paired columns need equal lengths, got {[len(a) for a in arrays]}")
+    if len(arrays[0]) == 0:
+        return None
+    rows = np.random.default_rng(seed).integers(len(arrays[0]), size=(draws, len(arrays[0])))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = np.asarray(statistic(*(a[rows] for a in arrays)), dtype=float)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
 def bootstrap_interval(
     hits: Sequence[bool], level: float = 0.95, draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED
 ) -> tuple[float, float] | None:
-    """Percentile-bootstrap interval of a rate.
-
-    The ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the mean of ``hits`` resampled with replacement
-    ``draws`` times.
+    """Percentile-bootstrap interval of a rate (:func:`paired_bootstrap` of one column's mean).
 
     Args:
         hits: One flag per image (the image shows the target, follows its prompt, ...).
@@ -290,12 +331,7 @@ def bootstrap_interval(
     Returns:
         ``(low, high)``, or ``None`` for no images.
     """
-    if len(hits) == 0:
-        return None
-    values = np.asarray(hits, dtype=float)
-    rows = np.random.default_rng(seed).integers(len(values), size=(draws, len(values)))
-    low, high = np.quantile(values[rows].mean(-1), [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
+    return paired_bootstrap([hits], lambda values: values.mean(-1), level, draws, seed)
 
 
 def paired_ratio_interval(
@@ -305,10 +341,10 @@ def paired_ratio_interval(
     draws: int = BOOTSTRAP_DRAWS,
     seed: int = BOOTSTRAP_SEED,
 ) -> tuple[float, float] | None:
-    """Paired-bootstrap interval of ``mean(after) / mean(before)``.
+    """Paired-bootstrap interval of ``mean(after) / mean(before)`` (:func:`paired_bootstrap`).
 
-    Image ``i`` of ``before`` and of ``after`` come from the same prompt and seed, so each resample draws image
-    indices once and takes both flags of each drawn image; resamples whose ``before`` rate is 0 are left out.
+    Image ``i`` of ``before`` and of ``after`` come from the same prompt and seed; resamples whose ``before`` rate is
+    0 are left out.
 
     Args:
         before: One flag per image of the reference (base) model.
@@ -322,16 +358,7 @@ def paired_ratio_interval(
     """
     if len(before) != len(after):
         raise ValueError(f"paired flags need equal lengths, got {len(before)} and {len(after)}")
-    if len(before) == 0:
-        return None
-    pairs = np.array([before, after], dtype=float)
-    rows = np.random.default_rng(seed).integers(len(before), size=(draws, len(before)))
-    totals = pairs[:, rows].sum(-1)  # (2, draws)
-    ratios = totals[1][totals[0] > 0] / totals[0][totals[0] > 0]
-    if not len(ratios):
-        return None
-    low, high = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
-    return float(low), float(high)
+    return paired_bootstrap([before, after], lambda b, a: a.sum(-1) / b.sum(-1), level, draws, seed)
 
 
 #: An image whose pixel values span at most this many uint8 levels is blank or constant: what a model whose
