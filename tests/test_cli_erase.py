@@ -268,3 +268,15 @@ def test_a_single_file_model_is_described_by_model_config(run, model, tmp_path, 
     assert main(["erase", "uce", "--model", str(single), "--model-config", str(tmp_path / "nowhere"), "--prompt",
                  "zog", "--out", str(tmp_path / "x")]) == 1  # fmt: skip
     assert "nowhere" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_generation_time_method_saves_a_suppression_that_export_refuses(model, tmp_path, capsys):
+    run = tmp_path / "sld"
+    argv = ["erase", "sld", "--model", str(model), "--prompt", "pip", "--preset", "strong", "--out", str(run)]
+    assert main([*argv, "--no-progress"]) == 0
+    assert "generation-time edit, no weights changed" in capsys.readouterr().out
+    assert sorted(p.name for p in run.iterdir()) == ["edit_config.json"]
+    out = tmp_path / "exported"
+    assert exit_status(["export", str(run), "--format", "diffusers", "--out", str(out)]) == 1
+    message = capsys.readouterr().err
+    assert "nothing to export" in message and message.count("\n") == 1 and not out.exists()
