@@ -145,7 +145,7 @@ def _provenance_table(evaluation: Evaluation) -> str:
                     label,
                     info.get("kind", ""),
                     info.get("source", ""),
-                    info.get("method", ""),
+                    info.get("method", "") + (" (generation-time: no weights)" if info.get("generation_time") else ""),
                     fingerprint[:16],
                 )
             )
