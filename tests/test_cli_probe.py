@@ -68,6 +68,7 @@ def test_a_quick_probe_writes_its_tables_and_prints_the_verdict(world, tmp_path,
     assert verdict["judge"]["spec"] == "oracle" and verdict["selector"]["spec"] == CLIP
     with open(out / "per_image.csv", newline="") as file:
         assert {row["attack"] for row in csv.DictReader(file)} == {"none", *summary["attacks"]}
+    assert summary["likelihood"]["pattern"] and "likelihood" in verdict
 
 
 @pytest.mark.parametrize("under_test", ["--weights", "--model2", "--suppression"])
@@ -75,10 +76,13 @@ def test_one_attack_on_each_kind_of_model_under_test(world, tmp_path, under_test
     value = {"--weights": "weights.safetensors", "--model2": "peer", "--suppression": None}[under_test]
     chosen = [under_test, str(world["root"] / value) if value else "negative-prompt"]
     out = tmp_path / "attack"
-    argv = probe_args(world, out, *chosen, "--set", "handoffs=[1]", command=("attack", "trajectory"))
+    argv = probe_args(
+        world, out, *chosen, "--set", "handoffs=[1]", "--no-likelihood", command=("attack", "trajectory")
+    )
     assert main(argv) == 0, capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["attacks"]) == ["trajectory"] and summary["suite"] == "custom"
+    assert summary["likelihood"] is None
     kind = summary["models"]["under_test"]["kind"]
     assert kind == {"--weights": "weights", "--model2": "model2", "--suppression": "base"}[under_test]
     if under_test != "--suppression":

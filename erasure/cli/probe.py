@@ -62,6 +62,10 @@ def _add_common(parser: argparse.ArgumentParser, set_form: str) -> None:
     parser.add_argument(
         "--no-base-check", action="store_true", help="accept an edit without a base fingerprint (recorded)"
     )
+    parser.add_argument(
+        "--no-likelihood", action="store_true",
+        help="skip the likelihood gaps (evidence beside the verdict: did the unconditional likelihood fall?)",
+    )  # fmt: skip
 
 
 def _probe(args: argparse.Namespace, suite: str, attacks: list[str] | None, settings: dict) -> int:
@@ -76,6 +80,7 @@ def _probe(args: argparse.Namespace, suite: str, attacks: list[str] | None, sett
         device=device_name(args.device), model_config=args.model_config, default_clip=_default_clip(args.model),
         require_fingerprint=not args.no_base_check, steps=args.steps, guidance=args.guidance,
         images_per_prompt=args.seeds_per_prompt, batch_size=args.batch_size,
+        **({"likelihood": False} if getattr(args, "no_likelihood", False) else {}),
     )  # fmt: skip
     print(f"verdict: {verdict_line(summary)}")
     print("\n".join(summary_table(summary)))
