@@ -763,13 +763,16 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         if result.get("profile"):
             print(f"--- profile of {spec['label']}\n{result['profile']}", file=sys.stderr)
+        if args.json:  # after every measurement, atomically: an interrupted run keeps what it measured
+            from erasure.files import atomic_write_text
+
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.json, json.dumps({"results": results, "argv": sys.argv[1:]}, indent=2))
+        print(f"    {spec['label']}: {_seconds(result.get('wall_seconds'))}", file=sys.stderr, flush=True)
     print(_table(results))
     print()
     for note in _notes(results):
         print(f"* {note}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"results": results, "argv": sys.argv[1:]}, indent=2))
     return 1 if any("error" in r for r in results) else 0
 
 
