@@ -239,6 +239,28 @@ class EraseMethod:
         """
         raise NotImplementedError
 
+    def _prepare(
+        self, pipe: DiffusionPipeline, request: EraseRequest
+    ) -> tuple[ModelFamily, EraseRequest, EraseRequest]:
+        """Check the family, expand the request and check it against the tokenizers.
+
+        Returns ``(family, request, method_request)``: the expanded request (the one the edit records) and the view
+        the method gets (held-out prompts removed).
+
+        Raises:
+            ValueError: Unsupported family, an unknown ``expand``, or a concept the tokenizer cannot encode.
+        """
+        family = detect_family(pipe)
+        if family not in self.supported_families:
+            supported = ", ".join(str(f) for f in self.supported_families)
+            raise ValueError(f"Method '{self.name}' does not support {family} pipelines (supported: {supported}).")
+        self.config.check_expand()
+        request = expand_request(request, resolve_templates(self.config.expand, pipeline_tokenizers(pipe)))
+        method_request = request.for_method()
+        for tokenizer in pipeline_tokenizers(pipe):
+            check_encodable(tokenizer, method_request)
+        return family, request, method_request
+
     def apply(
         self,
         pipe: DiffusionPipeline,
@@ -269,15 +291,7 @@ class EraseMethod:
             ValueError: Unsupported family, a concept the tokenizer cannot encode, or nothing selected.
             NonFiniteEditError: The method produced NaN/inf weights.
         """
-        family = detect_family(pipe)
-        if family not in self.supported_families:
-            supported = ", ".join(str(f) for f in self.supported_families)
-            raise ValueError(f"Method '{self.name}' does not support {family} pipelines (supported: {supported}).")
-        self.config.check_expand()
-        request = expand_request(request, resolve_templates(self.config.expand, pipeline_tokenizers(pipe)))
-        method_request = request.for_method()
-        for tokenizer in pipeline_tokenizers(pipe):
-            check_encodable(tokenizer, method_request)
+        family, request, method_request = self._prepare(pipe, request)
         parameters = self.select_parameters(pipe)
         if not parameters:
             raise ValueError(f"Method '{self.name}' selected no parameters in this pipeline.")
@@ -356,15 +370,7 @@ class GenerationTimeMethod(EraseMethod):
         Raises:
             ValueError: Unsupported family, or a concept the tokenizer cannot encode.
         """
-        family = detect_family(pipe)
-        if family not in self.supported_families:
-            supported = ", ".join(str(f) for f in self.supported_families)
-            raise ValueError(f"Method '{self.name}' does not support {family} pipelines (supported: {supported}).")
-        self.config.check_expand()
-        request = expand_request(request, resolve_templates(self.config.expand, pipeline_tokenizers(pipe)))
-        method_request = request.for_method()
-        for tokenizer in pipeline_tokenizers(pipe):
-            check_encodable(tokenizer, method_request)
+        family, request, method_request = self._prepare(pipe, request)
         config = {
             "method": self.name,
             "method_config": self.config.to_dict(),
