@@ -517,7 +517,13 @@ def _specs(args: argparse.Namespace) -> list[dict[str, Any]]:
             specs.append({**sd, "label": f"sd14 mace cfr {count} concepts", "method": "mace", "overrides": mace,
                           "request": request})  # fmt: skip
         if args.mace_concepts:  # one concept through all three stages: the LoRA stage's cost per concept
-            mace = exact | {"lora_steps": args.esd_iterations, "images": 1, "image_steps": 1, "prior": "none", **size}
+            mace = exact | {
+                "lora_steps": args.esd_iterations,
+                "training_images": 1,
+                "image_steps": 1,
+                "prior": "none",
+                **size,
+            }
             specs.append({**sd, "label": "sd14 mace 1 concept", "method": "mace", "overrides": mace, "request": one})
         if args.sd14_ca:  # anchor images are setup; the figures that matter are per step
             ca = {"steps": args.esd_iterations, "anchor_images": 2, "image_steps": 1, **size}

@@ -12,7 +12,7 @@ from erasure.testing import tiny_pipeline
 
 PIP = Concept(name="pip", kind="character", erase=("pip", "a picture of pip"), anchor="a person")
 ZOG = Concept(name="zog", kind="character", erase=("zog", "a picture of zog"), anchor="a person")
-FAST = {"lora_steps": 2, "images": 2, "image_steps": 2, "resolution": 32, "expand": "off", "prior": "none"}
+FAST = {"lora_steps": 2, "training_images": 2, "image_steps": 2, "resolution": 32, "expand": "off", "prior": "none"}
 
 
 def test_matching_indices_pair_prefix_suffix_and_padding_outside_the_concept_span():

@@ -87,7 +87,7 @@ class MACEConfig(MethodConfig):
     lora_steps: int = field(default=50, metadata={"help": "LoRA steps per concept (0: CFR only)"})
     lr: float = field(default=1e-4, metadata={"help": "LoRA learning rate (Adam)"})
     rank: int = field(default=1, metadata={"help": "LoRA rank"})
-    images: int = field(default=8, metadata={"help": "base-model images per concept for the LoRA stage"})
+    training_images: int = field(default=8, metadata={"help": "base-model images per concept for the LoRA stage"})
     image_steps: int = field(default=30, metadata={"help": "denoising steps of those images"})
     image_guidance: float = field(default=7.5, metadata={"help": "CFG scale of those images"})
     importance_sampling: bool | None = field(
@@ -101,8 +101,8 @@ class MACEConfig(MethodConfig):
             value = float(getattr(self, name))
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}.")
-        if self.lora_steps < 0 or self.rank < 1 or self.images < 1 or self.image_steps < 1:
-            raise ValueError("lora_steps must be >= 0, and rank, images and image_steps >= 1.")
+        if self.lora_steps < 0 or self.rank < 1 or self.training_images < 1 or self.image_steps < 1:
+            raise ValueError("lora_steps must be >= 0, and rank, training_images and image_steps >= 1.")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
         if self.resolution is not None and self.resolution < 8:
@@ -187,7 +187,7 @@ class MACE(EraseMethod):
     @classmethod
     def test_config(cls) -> dict[str, Any]:
         """Two LoRA steps on two 32-pixel images (two denoising steps each)."""
-        return {"lora_steps": 2, "images": 2, "image_steps": 2, "resolution": 32}
+        return {"lora_steps": 2, "training_images": 2, "image_steps": 2, "resolution": 32}
 
     # -- prompts ---------------------------------------------------------------------------------------------
 
@@ -247,9 +247,9 @@ class MACE(EraseMethod):
     def _training_data(self, pipe: DiffusionPipeline, concept: Concept, generator: torch.Generator) -> dict:
         """Stage 2's data for one concept, from the base model: latents, prompts, concept tokens, regions."""
         config = self.config
-        prompts = [concept.erase[i % len(concept.erase)] for i in range(config.images)]
+        prompts = [concept.erase[i % len(concept.erase)] for i in range(config.training_images)]
         images = generate(
-            pipe, prompts, [config.seed + i for i in range(config.images)], steps=config.image_steps,
+            pipe, prompts, [config.seed + i for i in range(config.training_images)], steps=config.image_steps,
             guidance_scale=config.image_guidance, height=config.resolution, width=config.resolution, progress=False,
         )  # fmt: skip
         latents = images_to_latents(pipe, images, config.resolution, generator)
