@@ -226,7 +226,10 @@ def run_probe(
             config = LikelihoodConfig(images=min(LikelihoodConfig.images, len(rows)), seed=ctx.base_seed)
             gaps = likelihood_gaps(ctx, concept, config)
         gaps["cost"] = likelihood_cost.summary()
-    verdict = decide({"base": base_hits, "edited": edited_hits}, summary_attacks, reference=reference is not None)
+    verdict = decide(
+        {"base": base_hits, "edited": edited_hits}, summary_attacks, reference=reference is not None, likelihood=gaps,
+        generation_time=ctx.suppression,
+    )  # fmt: skip
     if gaps is not None:
         verdict["likelihood"] = {key: gaps[key] for key in ("D_uncond", "D_cond", "pattern")}
     settings_record = ctx.settings()

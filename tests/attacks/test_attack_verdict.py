@@ -112,3 +112,20 @@ def test_verdict_inconclusive_branches():
     assert verdict["verdict"] == "inconclusive" and "too wide" in verdict["reason"]
     columns, _ = table(40, 0, {})
     assert decide(columns, {})["verdict"] == "inconclusive"
+
+
+def test_removal_needs_the_weights_to_agree():
+    columns, attacks = table(40, 0, {"paraphrase": ("text", 0), "noise": ("trajectory", 1)})
+    # a generation-time suppression that every attack fails against is still only suppression
+    verdict = decide(columns, attacks, generation_time="sld")
+    assert verdict["verdict"] == "suppressed" and "changes no weight" in verdict["reason"]
+    # the unconditional likelihood of the concept did not fall: suppressed, on likelihood evidence
+    flat = {"D_uncond": {"value": 0.001, "low": -0.002, "high": 0.004}}
+    verdict = decide(columns, attacks, likelihood=flat)
+    assert verdict["verdict"] == "suppressed" and "likelihood evidence" in verdict["reason"]
+    # it fell: removed
+    fell = {"D_uncond": {"value": 0.05, "low": 0.03, "high": 0.07}}
+    assert decide(columns, attacks, likelihood=fell)["verdict"] == "removed"
+    # a recovering attack decides before the likelihood is consulted
+    columns, attacks = table(40, 0, {"noise": ("trajectory", 30)})
+    assert decide(columns, attacks, likelihood=fell)["verdict"] == "suppressed"
