@@ -47,7 +47,19 @@ def changed_keys(pipe, state):
     return {key for key, value in full_state(pipe).items() if not torch.equal(value, state[key])}
 
 
-WEIGHT_METHODS = sorted(name for name, cls in METHODS.items() if not cls.generation_time)
+def _distinct(names):
+    """One name per (class, registered defaults): an alias (fmn for resteer, ca for concept-ablation) is the same
+    method and config, so running it again would test nothing new."""
+    seen, kept = set(), []
+    for name in names:
+        key = (METHODS[name], tuple(sorted(PRESETS[name].items())))
+        if key not in seen:
+            seen.add(key)
+            kept.append(name)
+    return kept
+
+
+WEIGHT_METHODS = _distinct(sorted(name for name, cls in METHODS.items() if not cls.generation_time))
 CASES = [(m, f) for m in WEIGHT_METHODS for f in FAMILIES if f in METHODS[m].supported_families]
 
 

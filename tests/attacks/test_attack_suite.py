@@ -22,7 +22,16 @@ def test_quick_probe_writes_its_tables_atomically(tmp_path):
     before = unet_fingerprint(pipe)
     out = tmp_path / "probe"
     summary = run_probe(
-        pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, "quick", out=out, options=OPTIONS, steps=2
+        pipe,
+        tiny_edit(pipe),
+        CONCEPT,
+        brightness_judge,
+        red_selector,
+        "quick",
+        out=out,
+        options=OPTIONS,
+        steps=2,
+        likelihood=False,
     )
     assert unet_fingerprint(pipe) == before
     assert sorted(p.name for p in out.iterdir()) == ["per_image.csv", "prompts.csv", "summary.json", "verdict.json"]
@@ -65,7 +74,7 @@ def test_adversarial_prompts_are_a_replayable_prompt_csv(tmp_path):
     out = tmp_path / "probe"
     run_probe(
         pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, attacks=["paraphrase"], out=out, steps=2,
-        options={"paraphrase": {"rewordings": 2, "seeds": 1}}, images_per_prompt=2, guidance=6.0,
+        options={"paraphrase": {"rewordings": 2, "seeds": 1}}, images_per_prompt=2, guidance=6.0, likelihood=False,
     )  # fmt: skip
     header = (out / "prompts.csv").read_text().splitlines()[0].split(",")
     assert header[:6] == ["case_number", "prompt", "evaluation_seed", "concept", "type", "classes"]
@@ -85,12 +94,14 @@ def test_with_a_reference_the_inpainting_probe_measures_the_reference_on_the_sam
     pipe, reference = tiny(), tiny()
     with_ref = run_probe(
         pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, reference=reference, attacks=["inpaint"],
-        steps=2, out=tmp_path / "probe",
+        steps=2, out=tmp_path / "probe", likelihood=False,
     )  # fmt: skip
     metrics = with_ref["attacks"]["inpaint"]["metrics"]
     assert metrics["reference_attacked"] is not None and metrics["reference_attacked"]["n"] == 2
     with open(tmp_path / "probe" / "per_image.csv", newline="") as file:
         models = {r["model"] for r in csv.DictReader(file) if r["attack"] == "inpaint"}
     assert models == {"edited", "reference"}
-    alone = run_probe(pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, attacks=["inpaint"], steps=2)
+    alone = run_probe(
+        pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, attacks=["inpaint"], steps=2, likelihood=False
+    )
     assert alone["attacks"]["inpaint"]["metrics"]["reference_attacked"] is None

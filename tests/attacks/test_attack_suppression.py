@@ -49,7 +49,7 @@ def test_a_probe_of_the_negative_prompt_baseline_fills_the_prompt_from_the_conce
     pipe = tiny()
     summary = run_probe(
         pipe, None, CONCEPT, brightness_judge, red_selector, attacks=["trajectory"], steps=2,
-        options={"trajectory": {"handoffs": (1,)}}, suppression="negative-prompt",
+        options={"trajectory": {"handoffs": (1,)}}, suppression="negative-prompt", likelihood=False,
     )  # fmt: skip
     assert summary["settings"]["negative_prompt"] == "Pip" and summary["verdict"]["suppression"] == "negative-prompt"
     assert summary["suite"] == "custom" and list(summary["attacks"]) == ["trajectory"]
