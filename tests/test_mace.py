@@ -83,6 +83,7 @@ def test_bad_settings_name_the_option(options, message):
         MACEConfig(**options)
 
 
+@pytest.mark.slow  # 40 LoRA steps: ~6 s
 def test_the_lora_stage_removes_the_concept_tokens_attention_in_the_region():
     pipe = tiny_pipeline("sd1")
     method = get_method("mace", **FAST | {"lora_steps": 40, "lr": 3e-2, "importance_sampling": False})

@@ -30,6 +30,7 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow  # two accelerate processes: ~25 s
 def test_two_processes_merge_to_the_single_process_result(tmp_path):
     # Launched as `python -m accelerate.commands.launch`: no console script on PATH needed (make test runs
     # .venv/bin/python without activating the environment).
