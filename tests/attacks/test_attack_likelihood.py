@@ -50,12 +50,11 @@ def test_a_suppression_that_changes_no_weight_has_exactly_zero_gaps():
 def test_an_edit_moves_the_losses_and_the_probe_records_them_beside_the_verdict():
     pipe = tiny()
     edit = tiny_edit(pipe, scale=0.5)
-    ctx = AttackContext(pipe, edit, brightness_judge, red_selector, steps=2)
-    gaps = likelihood_gaps(ctx, CONCEPT, SMALL)
-    assert any(gaps[f"{s}_{c}_loss_change"] != 0 for s in ("concept", "neighbours") for c in ("uncond", "cond"))
     summary = run_probe(pipe, edit, CONCEPT, brightness_judge, red_selector, attacks=["trajectory"], steps=2,
                         options={"trajectory": {"handoffs": (1,)}})  # fmt: skip
     assert set(summary["verdict"]["likelihood"]) == {"D_uncond", "D_cond", "pattern"}
+    gaps = summary["likelihood"]
+    assert any(gaps[f"{s}_{c}_loss_change"] != 0 for s in ("concept", "neighbours") for c in ("uncond", "cond"))
     assert summary["likelihood"]["cost"]["unet_forwards"] > 0  # (likelihood=False: tests/test_cli_probe.py)
 
 

@@ -16,7 +16,7 @@ def probe_folder(tmp_path_factory):
     pipe = tiny()
     out = tmp_path_factory.mktemp("probe") / "probe"
     run_probe(
-        pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, out=out, attacks=["trajectory", "noise"],
+        pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, out=out, attacks=["trajectory"],
         steps=2, options={"trajectory": {"handoffs": (1,)}},
     )  # fmt: skip
     return out
@@ -29,10 +29,10 @@ def test_a_probe_folder_becomes_a_robustness_section(probe_folder):
     section = page[page.index("<section id='robustness'>") :]
     assert probe.verdict["verdict"] in section and "href='#robustness'" in page
     rows = re.findall(r"<tr><td>([a-z_ ]+)</td>", section)
-    assert rows == ["plain prompts", "trajectory", "noise"]
+    assert rows == ["plain prompts", "trajectory"]
     assert "Likelihood gaps:" in section and probe.summary["likelihood"]["pattern"] in section
     chart = recovery_svg(probe)
-    assert chart.count("<rect") == 2 and "base " in chart and "edited " in chart
+    assert chart.count("<rect") == 1 and "base " in chart and "edited " in chart
 
 
 def test_a_broken_probe_folder_is_a_clear_error(probe_folder, tmp_path):
