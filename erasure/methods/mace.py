@@ -60,7 +60,7 @@ from erasure.generate import generate
 from erasure.methods import register
 from erasure.methods.base import EraseMethod, MethodConfig, NonFiniteEditError
 from erasure.methods.closed_form import RidgeSolver
-from erasure.methods.uce import ENCODE_CHUNK
+from erasure.methods.uce import encode_full
 from erasure.pipeline import ModelFamily
 from erasure.sampling import forward_noise, images_to_latents
 
@@ -215,15 +215,6 @@ class MACE(EraseMethod):
         words = [w.lower() for concept in request.concepts for w in concept.concept_words]
         return [p for p in prompts if not any(re.search(rf"(?<!\w){re.escape(w)}(?!\w)", p.lower()) for w in words)]
 
-    def _encode(self, pipe: DiffusionPipeline, prompts: list[str]) -> dict[str, Tensor]:
-        """Float64 full-length embeddings of each distinct prompt."""
-        unique = list(dict.fromkeys(prompts))
-        chunks = [
-            encode_prompts(pipe, unique[i : i + ENCODE_CHUNK]).prompt_embeds.detach().to(torch.float64)
-            for i in range(0, len(unique), ENCODE_CHUNK)
-        ]
-        return dict(zip(unique, torch.cat(chunks), strict=True)) if unique else {}
-
     # -- stage 2 -----------------------------------------------------------------------------------------------
 
     def _regions(self, pipe: DiffusionPipeline, concept: Concept, latents: Tensor, prompts: list[str], tokens: Tensor):
@@ -345,7 +336,7 @@ class MACE(EraseMethod):
             for prompt, anchor in zip(concept.erase, concept.erase_anchors, strict=True)
         ]
         prior, domain = self._prior_prompts(pipe, request), list(request.preserve_prompts)
-        embeddings = self._encode(pipe, [p for _, p, _ in pairs] + [a for _, _, a in pairs] + prior + domain)
+        embeddings = encode_full(pipe, [p for _, p, _ in pairs] + [a for _, _, a in pairs] + prior + domain)
         contexts, partners = [], []
         for _, prompt, anchor in pairs:
             old, new = matching_indices(

@@ -41,10 +41,9 @@ from diffusers import DiffusionPipeline
 from torch import Tensor
 
 from erasure.concepts import Concept, EraseRequest
-from erasure.diffusion import encode_prompts
 from erasure.methods import register
 from erasure.methods.closed_form import RidgeSolver, adversarial_embeddings
-from erasure.methods.uce import ENCODE_CHUNK, UCE, UCEConfig
+from erasure.methods.uce import UCE, UCEConfig, encode_full
 
 logger = logging.getLogger(__name__)
 
@@ -95,15 +94,6 @@ class RECEConfig(UCEConfig):
         return max(EPOCHS_BY_KIND[concept.kind] for concept in request.concepts)
 
 
-def _encode_full(pipe: DiffusionPipeline, prompts: list[str]) -> dict[str, Tensor]:
-    """Float64 ``[L, D]`` embeddings of every position the UNet attends to (``L`` = the tokenizer's length)."""
-    encoded = [
-        encode_prompts(pipe, prompts[start : start + ENCODE_CHUNK]).prompt_embeds.detach().to(torch.float64)
-        for start in range(0, len(prompts), ENCODE_CHUNK)
-    ]
-    return dict(zip(prompts, torch.cat(encoded), strict=True))
-
-
 def _relative_residual(edited: list[Tensor], original: list[Tensor], adversarial: Tensor, clean: Tensor) -> float:
     """``||W' c' - W c|| / ||W c||`` over every map."""
     error = sum(float((adversarial @ a.T - clean @ b.T).pow(2).sum()) for a, b in zip(edited, original, strict=True))
@@ -141,7 +131,7 @@ class RECE(UCE):
         ]
         preserve = list(dict.fromkeys([*request.preserve_prompts, ""]))
         prompts = list(dict.fromkeys([*(p for p, _, _ in erase_pairs), *(a for _, a, _ in erase_pairs), *preserve]))
-        embeddings = {key: value.to(device) for key, value in _encode_full(pipe, prompts).items()}
+        embeddings = {key: value.to(device) for key, value in encode_full(pipe, prompts).items()}
         c_preserve = torch.cat([embeddings[prompt] for prompt in preserve])
 
         epoch_stats = []

@@ -135,6 +135,20 @@ def encode_short(pipe: DiffusionPipeline, prompts: Sequence[str]) -> Tensor:
     return torch.cat(chunks)
 
 
+def encode_full(pipe: DiffusionPipeline, prompts: Sequence[str]) -> dict[str, Tensor]:
+    """Float64 ``[L, D]`` embeddings of each distinct prompt at every position the UNet attends to.
+
+    ``L`` is the tokenizer's length, padding included: the rows of methods that use all of a prompt's tokens (RECE,
+    MACE).
+    """
+    unique = list(dict.fromkeys(prompts))
+    chunks = [
+        encode_prompts(pipe, unique[i : i + ENCODE_CHUNK]).prompt_embeds.detach().to(torch.float64)
+        for i in range(0, len(unique), ENCODE_CHUNK)
+    ]
+    return dict(zip(unique, torch.cat(chunks), strict=True)) if unique else {}
+
+
 def conflicting_rows(inputs: Tensor, anchors: Tensor, tolerance: float = 1e-6) -> int:
     """How many erase rows have the same input ``c_i`` as a row with a different anchor (relative ``tolerance``)."""
     same_input = torch.cdist(inputs, inputs) <= tolerance * inputs.norm(dim=1).max()
