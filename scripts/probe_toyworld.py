@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an attack option for every probe (repeatable)",
     )  # fmt: skip
     parser.add_argument("--suite", default="quick", choices=tuple(SUITES), help="attack suite (default quick)")
+    parser.add_argument(
+        "--attacks", nargs="+", metavar="NAME", help="run exactly these attacks instead of the suite (--suite ignored)"
+    )
     parser.add_argument("--preset", default="toy", choices=("toy", "paper"), help="attack budgets (default toy)")
     parser.add_argument("--reverse", action="store_true", help="also judge with the CLIP, selecting with the oracle")
     parser.add_argument("--no-likelihood", action="store_true", help="skip the likelihood gaps beside the verdict")
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                     preset=args.preset, options=options, overwrite=True, steps=args.steps, guidance=args.guidance,
                     images_per_prompt=per_prompt, base_seed=args.first_seed, batch_size=args.batch_size,
                     provenance={"model": args.model, "method": method, "reference": str(reference_path or "")},
-                    likelihood=not args.no_likelihood,
+                    likelihood=not args.no_likelihood, attacks=args.attacks,
                 )  # fmt: skip
                 run = {
                     "method": method, "concept": concept.name, "judge": judge_spec.partition(":")[0],

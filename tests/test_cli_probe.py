@@ -91,6 +91,15 @@ def test_one_attack_on_each_kind_of_model_under_test(world, tmp_path, under_test
         assert summary["settings"]["negative_prompt"] == "Pip"
 
 
+def test_a_probe_with_named_attacks_runs_exactly_those(world, tmp_path):
+    out = tmp_path / "probe"
+    argv = probe_args(world, out, "--edit", str(world["root"] / "run"), "--attacks", "trajectory", "inpaint",
+                      "--set", "trajectory.handoffs=[1]", "--no-likelihood")  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["attacks"]) == ["trajectory", "inpaint"] and summary["suite"] == "custom"
+
+
 BAD = [
     (["--edit", "{root}/other-run"], "--edit {root}/other-run"),
     (["--edit", "{root}/run", "--concept", "{root}/no-evaluate.toml"], "no evaluate prompts"),
@@ -101,6 +110,7 @@ BAD = [
     (["--edit", "{root}/run", "--set", "inversion.steps=10"], "does not run"),
     (["--edit", "{root}/run", "--set", "paraphrase"], "ATTACK.OPTION=VALUE"),
     (["--edit", "{root}/run", "--set", "trajectory.handoffs=[5]"], "exceed the 2 DDIM steps"),
+    (["--edit", "{root}/run", "--attacks", "trajectory", "bogus"], "unknown attack 'bogus'"),
     (["--model2", "{model}"], "nothing to probe"),
     (["--weights", "{root}/missing.safetensors"], "missing.safetensors"),
 ]

@@ -106,6 +106,11 @@ def _add_probe(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--suite", default="quick", choices=tuple(SUITES), help="which attacks (default quick)")
+    parser.add_argument(
+        "--attacks", nargs="+", metavar="NAME",
+        help="run exactly these registered attacks instead of a suite, e.g. --attacks paraphrase inpaint "
+        "unlearndiffatk inversion (erasure list attacks names them)",
+    )  # fmt: skip
     _add_common(parser, "ATTACK.OPTION=VALUE")
     parser.set_defaults(handler=_run_probe)
 
@@ -113,7 +118,7 @@ def _add_probe(subparsers: argparse._SubParsersAction) -> None:
 def _run_probe(args: argparse.Namespace) -> int:
     from erasure.attacks.run import parse_settings
 
-    return _probe(args, args.suite, None, parse_settings(args.settings))
+    return _probe(args, args.suite, args.attacks, parse_settings(args.settings))
 
 
 # --- attack -----------------------------------------------------------------------------------------------------
