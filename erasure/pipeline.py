@@ -10,13 +10,14 @@ between diffusers and the original LDM layout in :mod:`erasure.convert`; writing
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,7 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     *,
     config: str | Path | None = None,
+    progress: bool = True,
     **kwargs: Any,
 ) -> DiffusionPipeline:
     """Load a Stable Diffusion 1.x/2.x or SDXL pipeline, with the safety checker off.
@@ -95,6 +97,7 @@ def load_pipeline(
         config: Single files only: a diffusers folder or hub id whose configs (model_index, tokenizer, scheduler,
             model configs) describe the checkpoint. Without it diffusers infers a hub repo, which needs its
             files in the local cache or network access.
+        progress: Show diffusers' and transformers' loading bars (``False`` silences them for this call only).
         **kwargs: Passed on to the diffusers loader (for example ``revision`` or ``variant``).
 
     Returns:
@@ -111,22 +114,8 @@ def load_pipeline(
             f"config= only applies to single-file checkpoints, and {source} is not a file: drop config=, or pass "
             "the .safetensors file."
         )
-    if path.is_dir():
-        pipe = _load_folder(path, kwargs)
-    elif path.is_file():
-        pipe = _load_single_file(path, config, kwargs)
-    elif _looks_like_path(source):
-        raise ModelNotFoundError(
-            f"No such file or folder: {source}. Check the path, or pass a hub id such as "
-            "'CompVis/stable-diffusion-v1-4'."
-        )
-    elif HUB_ID_PATTERN.match(source):
-        pipe = _load_hub(source, kwargs)
-    else:
-        raise ModelNotFoundError(
-            f"'{source}' is neither an existing file or folder nor a hub id of the form owner/name "
-            "(e.g. 'CompVis/stable-diffusion-v1-4')."
-        )
+    with _loading_bars(progress):
+        pipe = _load(source, path, config, kwargs)
     _check_all_weights_loaded(pipe, source)
     pipe = _move(pipe, torch.device(device) if device is not None else torch.device("cpu"), dtype or torch.float32)
     family = detect_family(pipe)
@@ -138,6 +127,43 @@ def load_pipeline(
         prediction_type(pipe),
     )
     return pipe
+
+
+@contextlib.contextmanager
+def _loading_bars(enabled: bool) -> Iterator[None]:
+    """Turn diffusers' and transformers' progress bars off while the block runs (when not ``enabled``)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)
+    were_enabled = [library.is_progress_bar_enabled() for library in libraries]
+    try:
+        if not enabled:
+            for library in libraries:
+                library.disable_progress_bar()
+        yield
+    finally:
+        for library, was_enabled in zip(libraries, were_enabled, strict=True):
+            (library.enable_progress_bar if was_enabled else library.disable_progress_bar)()
+
+
+def _load(source: str, path: Path, config: str | Path | None, kwargs: dict[str, Any]) -> DiffusionPipeline:
+    """Dispatch on what ``source`` is: a folder, a single file, or a hub id."""
+    if path.is_dir():
+        return _load_folder(path, kwargs)
+    if path.is_file():
+        return _load_single_file(path, config, kwargs)
+    if _looks_like_path(source):
+        raise ModelNotFoundError(
+            f"No such file or folder: {source}. Check the path, or pass a hub id such as "
+            "'CompVis/stable-diffusion-v1-4'."
+        )
+    if HUB_ID_PATTERN.match(source):
+        return _load_hub(source, kwargs)
+    raise ModelNotFoundError(
+        f"'{source}' is neither an existing file or folder nor a hub id of the form owner/name "
+        "(e.g. 'CompVis/stable-diffusion-v1-4')."
+    )
 
 
 def _move(pipe: DiffusionPipeline, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:

@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 import time
 
 import huggingface_hub
@@ -118,6 +121,33 @@ def test_load_diffusers_folder_round_trip(family, saved):
 def test_load_casts_dtype(tmp_path):
     pipe = load_pipeline(save_tiny_pipeline(tmp_path / "tiny", "sd1"), device="cpu", dtype=torch.bfloat16)
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
+
+
+def test_load_without_progress_restores_the_libraries_bar_settings(tmp_path):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = save_tiny_pipeline(tmp_path / "tiny", "sd1")
+    libraries = (diffusers_logging, transformers_logging)
+    for enabled in (True, False):
+        for library in libraries:
+            (library.enable_progress_bar if enabled else library.disable_progress_bar)()
+        load_pipeline(saved, progress=False)
+        assert [library.is_progress_bar_enabled() for library in libraries] == [enabled, enabled]
+
+
+@pytest.mark.slow  # a fresh interpreter (the suite's own bars are off): ~10 s
+def test_load_without_progress_prints_no_loading_bar(tmp_path):
+    saved = save_tiny_pipeline(tmp_path / "tiny", "sd1")
+    code = (
+        "import sys; from erasure.pipeline import load_pipeline; "
+        f"load_pipeline({str(saved)!r}, progress=False); print('--- with bars', file=sys.stderr); "
+        f"load_pipeline({str(saved)!r})"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    silent, loud = result.stderr.split("--- with bars")
+    assert "Loading" not in silent and "Loading pipeline components" in loud
 
 
 def test_load_single_file_round_trip(family, saved, tmp_path):

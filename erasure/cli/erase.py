@@ -204,7 +204,11 @@ def _erase(args: argparse.Namespace) -> int:
         raise ValueError(message) from None
     images = load_training_images(args.images) if args.images is not None else None
     pipe = load_pipeline(
-        args.model, device=device_name(args.device), dtype=getattr(torch, args.dtype), config=args.model_config
+        args.model,
+        device=device_name(args.device),
+        dtype=getattr(torch, args.dtype),
+        config=args.model_config,
+        progress=not args.no_progress,
     )
     edit = method.apply(
         pipe, request, images=images, progress=not args.no_progress, base_model=args.base_model_name or str(args.model)
