@@ -5,8 +5,8 @@ Layers, lowest first (every module of the package must be placed; a new module f
 0. files, resources, concepts, expansion, prompt_sets, attention, the toy world's renderer, captions and tokenizer:
    plain data and files, no model code;
 1. pipeline (loading), toyworld.models;
-2. diffusion, convert, sampling, edit, suppression, embedding_override, testing: maths on a loaded pipeline, and the
-   edit formats;
+2. diffusion, convert, sampling, edit, suppression, embedding_override, lora, testing: maths on a loaded pipeline,
+   and the edit formats;
 3. generate, methods.base, methods.closed_form: what methods are built from;
 4. methods (registry) and each method, export;
 5. evaluation, grid, comparison, report, toyworld.quality, toyworld.judge: scoring and drawing;
@@ -25,7 +25,7 @@ LAYERS: dict[int, set[str]] = {
     0: {"erasure", "files", "resources", "concepts", "expansion", "prompt_sets", "attention", "toyworld",
         "toyworld.render", "toyworld.captions", "toyworld.tokenizer"},
     1: {"pipeline", "toyworld.models"},
-    2: {"diffusion", "convert", "sampling", "edit", "suppression", "embedding_override", "testing"},
+    2: {"diffusion", "convert", "sampling", "edit", "suppression", "embedding_override", "lora", "testing"},
     3: {"generate", "methods.base", "methods.closed_form"},
     4: {"methods", "methods.*", "export"},
     5: {"evaluation", "evaluation.*", "grid", "comparison", "report", "report.*", "toyworld.quality",

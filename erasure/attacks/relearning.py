@@ -36,6 +36,7 @@ from erasure.attacks import register
 from erasure.attacks.base import Attack, AttackConfig, AttackError, AttackResult
 from erasure.attacks.context import AttackContext
 from erasure.concepts import Concept
+from erasure.lora import lora_deltas, lora_hooks
 from erasure.methods.base import select_unet_parameters
 from erasure.prompt_sets import PromptRow
 from erasure.sampling import ddim_scheduler, forward_noise, images_to_latents
@@ -92,25 +93,6 @@ class Relearning(Attack):
         found = select_unet_parameters(ctx.pipe.unet, "unet")
         return {key: found[key] for key in ctx.edit.deltas if key in found}
 
-    def _lora(
-        self, ctx: AttackContext, parameters: dict[str, torch.nn.Parameter], hooks: contextlib.ExitStack,
-        generator: torch.Generator,
-    ) -> list[torch.Tensor]:  # fmt: skip
-        """Rank-``r`` factors (A random, B zero) on every 2-D weight, added by forward hooks until ``hooks`` closes."""
-        factors, self._lora_factors = [], {}
-        for key, parameter in parameters.items():
-            if parameter.ndim != 2:
-                raise AttackError(f"relearning with rank > 0 adapts 2-D weights only; {key} has {parameter.ndim}.")
-            module = ctx.pipe.unet.get_submodule(key.removeprefix("unet.").removesuffix(".weight"))
-            a = torch.randn(self.config.rank, parameter.shape[1], generator=generator) / parameter.shape[1] ** 0.5
-            a = a.to(parameter).requires_grad_(True)
-            b = torch.zeros(parameter.shape[0], self.config.rank).to(parameter).requires_grad_(True)
-            handle = module.register_forward_hook(lambda m, args, out, a=a, b=b: out + (args[0] @ a.T) @ b.T)
-            hooks.callback(handle.remove)
-            factors += [a, b]
-            self._lora_factors[key] = (a, b)
-        return factors
-
     def _run(self, ctx: AttackContext, concept: Concept, rows: list[PromptRow]) -> AttackResult:
         config = self.config
         generator = torch.Generator().manual_seed(config.seed)
@@ -130,7 +112,12 @@ class Relearning(Attack):
             parameters = self._parameters(ctx)
             snapshot = {key: p.detach().clone() for key, p in parameters.items()}
             flags = {key: p.requires_grad for key, p in parameters.items()}
-            trained = list(parameters.values()) if not config.rank else self._lora(ctx, parameters, hooks, generator)
+            factors = {}
+            if config.rank:  # W x + B (A x) on every 2-D weight, until the hooks close; the weights never move
+                if bad := [key for key, p in parameters.items() if p.ndim != 2]:
+                    raise AttackError(f"relearning with rank > 0 adapts 2-D weights only; {bad[0]} is not 2-D.")
+                factors = hooks.enter_context(lora_hooks(pipe.unet, parameters, config.rank, generator))
+            trained = [t for pair in factors.values() for t in pair] if config.rank else list(parameters.values())
             optimizer = torch.optim.Adam(trained, lr=config.lr)
             kind = str(pipe.scheduler.config.get("prediction_type", "epsilon"))
             abar_all = ddim_scheduler(pipe).alphas_cumprod
@@ -165,7 +152,7 @@ class Relearning(Attack):
                         for r, h in zip(rows, hits, strict=True)
                     ]  # fmt: skip
                 if config.rank:  # the LoRA's weight change B A; the weights themselves never moved
-                    moved = {k: b.detach() @ a.detach() for k, (a, b) in self._lora_factors.items()}
+                    moved = lora_deltas(factors)
                 else:
                     moved = {k: p.detach() - snapshot[k] for k, p in parameters.items()}
                 distance = sum(float(delta.norm() ** 2) for delta in moved.values()) ** 0.5

@@ -57,6 +57,7 @@ from erasure.concepts import Concept, EraseRequest
 from erasure.diffusion import encode_prompts
 from erasure.expansion import is_toyworld_tokenizer
 from erasure.generate import generate
+from erasure.lora import lora_deltas, lora_hooks
 from erasure.methods import register
 from erasure.methods.base import EraseMethod, MethodConfig, NonFiniteEditError
 from erasure.methods.closed_form import RidgeSolver
@@ -271,23 +272,12 @@ class MACE(EraseMethod):
     ) -> tuple[dict[str, Tensor], list[float]]:  # fmt: skip
         """Stage 2 for one concept: ``{key: B A}`` of a rank-``r`` LoRA on every selected projection, and losses."""
         config = self.config
-        modules = {
-            key: pipe.unet.get_submodule(key.removeprefix("unet.").removesuffix(".weight")) for key in parameters
-        }
-        factors = {}
-        for key, parameter in parameters.items():  # A random, B zero: the LoRA starts at W_cfr
-            a = torch.randn(config.rank, parameter.shape[1], generator=generator) / math.sqrt(parameter.shape[1])
-            b = torch.zeros(parameter.shape[0], config.rank)
-            factors[key] = (a.to(parameter).requires_grad_(True), b.to(parameter).requires_grad_(True))
-        handles = [  # W x + B (A x): the LoRA's forward, without touching the weights
-            module.register_forward_hook(lambda m, args, out, f=factors[key]: out + (args[0] @ f[0].T) @ f[1].T)
-            for key, module in modules.items()
-        ]
-        optimizer = torch.optim.Adam([t for pair in factors.values() for t in pair], lr=config.lr)
         sampling = config.importance_sampling if config.importance_sampling is not None else concept.kind != "unsafe"
         weights = importance_weights(pipe.scheduler.config.num_train_timesteps) if sampling else None
         latents, losses = data["latents"], []
-        try:
+        # W x + B (A x), A random and B zero: the LoRA starts at W_cfr, and the weights themselves never move
+        with lora_hooks(pipe.unet, parameters, config.rank, generator) as factors:
+            optimizer = torch.optim.Adam([t for pair in factors.values() for t in pair], lr=config.lr)
             bar = tqdm(range(config.lora_steps), desc=f"{self.name} {concept.name}", disable=not progress or None)
             for step in bar:
                 row = int(torch.randint(len(latents), (1,), generator=generator))
@@ -303,10 +293,7 @@ class MACE(EraseMethod):
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
-        finally:
-            for handle in handles:
-                handle.remove()
-        return {key: (b @ a).detach().to(torch.float64) for key, (a, b) in factors.items()}, losses
+        return {key: delta.to(torch.float64) for key, delta in lora_deltas(factors).items()}, losses
 
     # -- the three stages --------------------------------------------------------------------------------------
 
