@@ -80,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="toy", choices=("toy", "paper"), help="attack budgets (default toy)")
     parser.add_argument("--reverse", action="store_true", help="also judge with the CLIP, selecting with the oracle")
     parser.add_argument("--no-likelihood", action="store_true", help="skip the likelihood gaps beside the verdict")
+    parser.add_argument(
+        "--always-attack", action="store_true", help="attack even when the plain prompts already say 'not erased'"
+    )
     parser.add_argument("--model", default=str(REPO / "checkpoints/toyworld-sd"), help="toy pipeline folder")
     parser.add_argument("--clip", default=str(REPO / "checkpoints/toyworld-clip"), help="toy CLIP folder")
     parser.add_argument("--oracle", default=str(REPO / "checkpoints/toyworld-oracle"), help="oracle folder")
@@ -247,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                     images_per_prompt=per_prompt, base_seed=args.first_seed, batch_size=args.batch_size,
                     provenance={"model": args.model, "method": method, "reference": str(reference_path or "")},
                     likelihood=not args.no_likelihood, attacks=args.attacks,
+                    always_attack=args.always_attack,
                 )  # fmt: skip
                 run = {
                     "method": method, "concept": concept.name, "judge": judge_spec.partition(":")[0],

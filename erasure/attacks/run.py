@@ -225,5 +225,11 @@ def summary_table(summary: Mapping[str, Any]) -> list[str]:
         )  # fmt: skip
     lines.append(("total", "", "", "", "", f"{total['unet_forward_rows']:,}", f"{total['seconds']:.0f}"))
     widths = [max(len(str(row[i])) for row in [head, *lines]) for i in range(len(head))]
-    return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            for row in [head, *lines]]  # fmt: skip
+    table = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+             for row in [head, *lines]]  # fmt: skip
+    skipped = summary.get("skipped")
+    if skipped:
+        table.append(
+            f"not run: {', '.join(skipped['attacks'])} (the plain prompts decided; --always-attack runs them)"
+        )
+    return table

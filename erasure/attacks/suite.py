@@ -43,7 +43,7 @@ from erasure.attacks.base import AttackError, AttackResult, evaluation_rows
 from erasure.attacks.context import AttackContext
 from erasure.attacks.likelihood import LikelihoodConfig, likelihood_gaps
 from erasure.attacks.override import save_learned_embeds
-from erasure.attacks.verdict import attack_metrics, decide, rate_interval
+from erasure.attacks.verdict import attack_metrics, decide, plain_verdict, rate_interval
 from erasure.concepts import Concept
 from erasure.files import atomic_path
 from erasure.prompt_sets import save_prompt_csv
@@ -113,6 +113,7 @@ def run_probe(
     overwrite: bool = False,
     provenance: Mapping[str, Any] | None = None,
     likelihood: bool = True,
+    always_attack: bool = False,
     **settings: Any,
 ) -> dict[str, Any]:
     """Run the suite's attacks on ``edit`` and return the summary (verdict included); write it to ``out``.
@@ -134,6 +135,9 @@ def run_probe(
         provenance: What the models are (paths, kinds), recorded as the summary's ``models``.
         likelihood: Also measure the likelihood gaps (:mod:`erasure.attacks.likelihood`): evidence on whether the
             edit lowered the concept's unconditional likelihood, recorded beside the verdict (``likelihood``).
+        always_attack: Run the attacks (and the likelihood gaps) even when the plain prompts alone say "not erased"
+            (:func:`~erasure.attacks.verdict.plain_verdict`: the edited model still shows the concept, which no
+            attack can change). Without it they are skipped, and the summary's ``skipped`` says which and why.
         **settings: :class:`~erasure.attacks.context.AttackContext` settings (``steps``, ``guidance``,
             ``images_per_prompt``, ``base_seed``, ``batch_size``, ``size``, ``scale``, ``suppression``,
             ``negative_prompt``). ``suppression="negative-prompt"`` without a negative prompt uses the concept's
@@ -193,6 +197,19 @@ def run_probe(
         edited_hits = ctx.judge_images(ctx.generate("edited", prompts, seeds))
     records = _column_records("none", "base", rows, prompts, base_hits)
     records += _column_records("none", "edited", rows, prompts, edited_hits)
+    skipped = None
+    early = plain_verdict({"base": base_hits, "edited": edited_hits})
+    if early["verdict"] == "not erased" and not always_attack:  # no attack can change it: save their cost
+        skipped = {
+            "attacks": list(chosen),
+            "likelihood": likelihood,
+            "reason": f"{early['verdict']}: {early['reason']}",
+        }
+        logger.warning(
+            "Probe: %s from the plain prompts alone; skipping %s (always_attack=True runs them).",
+            early["verdict"], ", ".join(chosen),
+        )  # fmt: skip
+        chosen, likelihood = {}, False
     results: dict[str, AttackResult] = {}
     reference_results: dict[str, AttackResult] = {}
     for name, attack in chosen.items():
@@ -246,6 +263,7 @@ def run_probe(
         "suite": suite,
         "preset": preset,
         "attacks_run": list(chosen),
+        "skipped": skipped,
         "models": dict(provenance or {}),
         "settings": settings_record,
         "rows": len(rows),

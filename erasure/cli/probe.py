@@ -81,6 +81,7 @@ def _probe(args: argparse.Namespace, suite: str, attacks: list[str] | None, sett
         require_fingerprint=not args.no_base_check, steps=args.steps, guidance=args.guidance,
         images_per_prompt=args.seeds_per_prompt, batch_size=args.batch_size,
         **({"likelihood": False} if getattr(args, "no_likelihood", False) else {}),
+        always_attack=getattr(args, "always_attack", True),  # erasure attack NAME: the user asked for it
     )  # fmt: skip
     print(f"verdict: {verdict_line(summary)}")
     print("\n".join(summary_table(summary)))
@@ -110,6 +111,11 @@ def _add_probe(subparsers: argparse._SubParsersAction) -> None:
         "--attacks", nargs="+", metavar="NAME",
         help="run exactly these registered attacks instead of a suite, e.g. --attacks paraphrase inpaint "
         "unlearndiffatk inversion (erasure list attacks names them)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--always-attack", action="store_true",
+        help="run the attacks even when the plain prompts already say 'not erased' (the edited model still shows "
+        "the concept, which no attack can change); without it they are skipped and the summary says so",
     )  # fmt: skip
     _add_common(parser, "ATTACK.OPTION=VALUE")
     parser.set_defaults(handler=_run_probe)

@@ -127,6 +127,13 @@ def _likelihood_line(gaps: Mapping[str, Any] | None) -> str:
     )
 
 
+def _skipped_line(skipped: Mapping[str, Any] | None) -> str:
+    """Which attacks the probe did not run because the plain prompts had decided (empty when none)."""
+    if not skipped:
+        return ""
+    return f" Not run, since the plain prompts decided: {html.escape(', '.join(skipped.get('attacks') or []))}."
+
+
 def _probe_section(probe: Probe) -> str:
     verdict, summary = probe.verdict, probe.summary
     models = summary.get("models") or {}
@@ -156,6 +163,7 @@ def _probe_section(probe: Probe) -> str:
         f"{' on ' + html.escape(concept) if concept else ''}</h3>"
         f"<p><b>{html.escape(str(verdict.get('verdict')))}</b>: {html.escape(str(verdict.get('reason', '')))}. "
         f"Surfaces that bring it back: {html.escape(surfaces)}."
+        f"{_skipped_line(summary.get('skipped'))}"
         f"{' Generation-time suppression: ' + html.escape(str(suppression)) + '.' if suppression else ''} Judge "
         f"{html.escape(str((verdict.get('judge') or {}).get('kind', '?')))}, selector "
         f"{html.escape(str((verdict.get('selector') or {}).get('kind', '?')))}.</p>"

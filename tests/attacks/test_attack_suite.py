@@ -50,6 +50,25 @@ def test_quick_probe_writes_its_tables_atomically(tmp_path):
         run_probe(pipe, None, CONCEPT, brightness_judge, red_selector, out=out)
 
 
+def always_shows(images):
+    return [True] * len(images)
+
+
+def test_attacks_are_skipped_when_the_plain_prompts_say_not_erased_unless_asked():
+    pipe = tiny()  # no edit: the model under test is the base, which "shows" the concept in every image
+    settings = {"options": OPTIONS, "steps": 2, "images_per_prompt": 4, "likelihood": True}
+    summary = run_probe(pipe, None, CONCEPT, always_shows, red_selector, "quick", **settings)
+    assert summary["verdict"]["verdict"] == "not erased" and summary["attacks"] == {}
+    assert summary["skipped"]["attacks"] == ["paraphrase", "ring_a_bell", "trajectory", "noise", "inpaint"]
+    assert summary["skipped"]["reason"].startswith("not erased: plain prompts") and summary["likelihood"] is None
+    forced = run_probe(
+        pipe, None, CONCEPT, always_shows, red_selector, attacks=["trajectory"], always_attack=True,
+        **settings | {"likelihood": False, "options": {"trajectory": {"handoffs": (1,)}}},
+    )  # fmt: skip
+    assert list(forced["attacks"]) == ["trajectory"] and forced["skipped"] is None
+    assert forced["verdict"]["verdict"] == "not erased"
+
+
 def test_probe_refuses_bad_input_before_any_work(tmp_path):
     pipe = tiny()
     with pytest.raises(AttackError, match="Unknown suite"):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from erasure.attacks.verdict import asr, attack_metrics, decide, gap_closed, rate_interval
+from erasure.attacks.verdict import asr, attack_metrics, decide, gap_closed, plain_verdict, rate_interval
 
 
 def flags(n_true, n):
@@ -69,6 +69,21 @@ def test_verdict_not_erased_when_plain_prompts_still_work():
     columns, attacks = table(40, 36, {"noise": ("trajectory", 40)})
     verdict = decide(columns, attacks)
     assert verdict["verdict"] == "not erased" and "plain prompts" in verdict["reason"]
+
+
+@pytest.mark.parametrize(
+    ("base", "edited", "n", "verdict"),
+    [(40, 36, 40, "not erased"), (4, 4, 4, "inconclusive"), (1, 0, 40, "inconclusive"), (40, 2, 40, None)],
+    ids=["plain prompts work", "too few images", "base rarely shows it", "attacks decide"],
+)
+def test_plain_verdict_is_what_decide_says_before_any_attack(base, edited, n, verdict):
+    columns, _ = table(base, edited, {}, n=n)
+    early = plain_verdict(columns)
+    assert early["verdict"] == verdict and (early["reason"] is None) == (verdict is None)
+    if verdict is not None:  # no attack table changes these
+        loud = table(base, edited, {"noise": ("trajectory", n)}, n=n)[1]
+        assert decide(columns, loud)["verdict"] == decide(columns, {})["verdict"] == verdict
+        assert decide(columns, {})["reason"] == early["reason"]
 
 
 def test_verdict_not_erased_when_paraphrases_close_the_gap():
