@@ -37,9 +37,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads crawl on a shared machine
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import platform
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -446,11 +448,29 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def without_erased_neighbours(concept: Concept, concepts: list[Concept], report: dict[str, Any]) -> Concept:
+    """``concept`` with the neighbour prompts that name another of ``concepts`` (a whole word) removed."""
+    others = [word for other in concepts if other is not concept for word in other.concept_words]
+    pattern = re.compile(r"\b(" + "|".join(re.escape(word) for word in others) + r")\b", re.IGNORECASE)
+    kept = tuple(p for p in concept.evaluate_preserve if not (others and pattern.search(p)))
+    dropped = [p for p in concept.evaluate_preserve if p not in kept]
+    report.setdefault("dropped_neighbours", {})[concept.name] = dropped
+    if not kept:
+        raise SystemExit(f"--together: every neighbour prompt of {concept.name} names another erased concept.")
+    return dataclasses.replace(concept, evaluate_preserve=kept)
+
+
 def measure_together(
     args: argparse.Namespace, overrides: dict[str, dict[str, Any]], pipe: Any, judges: tuple, report: dict[str, Any]
 ) -> int:
-    """``--together``: per method, one edit of every concept at once, scored on each concept's prompts."""
+    """``--together``: per method, one edit of every concept at once, scored on each concept's prompts.
+
+    A concept's neighbour prompts that name another erased concept ("an image of Zog" for Pip, when Zog is erased
+    too) are targets of the same edit, not neighbours: they are left out of that concept's neighbour set (the
+    report lists them under ``dropped_neighbours``).
+    """
     concepts = [load_concepts(concept_path(name)).concepts[0] for name in args.concepts]
+    concepts = [without_erased_neighbours(concept, concepts, report) for concept in concepts]
     cases, bases = {}, {}
     for concept in concepts:
         cases[concept.name] = concept_cases(concept, args)

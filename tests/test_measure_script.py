@@ -75,3 +75,16 @@ def test_every_image_has_its_own_seed(measure):
     prompts, seeds, n_target, per_prompt = measure.concept_cases(concept, args)
     assert per_prompt == {"target": 4, "neighbour": 1} and n_target == 8
     assert len(prompts) == len(seeds) == 14 and len(set(seeds)) == 14
+
+
+def test_together_drops_the_neighbours_that_are_erased_too(measure):
+    pip, striped, red = (load_concepts(PROMPTS / f"{name}.toml").concepts[0] for name in ("pip", "striped", "red"))
+    report = {}
+    kept = [measure.without_erased_neighbours(c, [pip, striped, red], report) for c in (pip, striped, red)]
+    assert kept[0].evaluate_preserve == pip.evaluate_preserve  # Pip's neighbours name no other erased concept
+    assert report["dropped_neighbours"]["striped"] and all("red" in p for p in report["dropped_neighbours"]["striped"])
+    assert not any("red" in p.split() for p in kept[1].evaluate_preserve)
+    assert set(kept[1].evaluate_preserve) | set(report["dropped_neighbours"]["striped"]) == set(
+        striped.evaluate_preserve
+    )
+    assert kept[2].evaluate == red.evaluate  # targets untouched
