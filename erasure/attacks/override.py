@@ -220,7 +220,8 @@ def slot_text(tokenizer: Any, layout: SlotLayout, ids: Tensor) -> str:
     """The prompt a user would type for ``layout`` with ``ids`` in its slots (special tokens dropped)."""
     full = layout.with_tokens(ids)[: layout.length]
     special = _special_ids(tokenizer)
-    text = tokenizer.decode([int(i) for i in full if int(i) not in special])
+    # no "clean-up" of spaces before punctuation: it is for WordPiece and would rewrite a BPE prompt
+    text = tokenizer.decode([int(i) for i in full if int(i) not in special], clean_up_tokenization_spaces=False)
     return " ".join(text.replace("</w>", " ").split())  # a tokenizer without CLIP's BPE decoder keeps the marks
 
 

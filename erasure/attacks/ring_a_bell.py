@@ -203,7 +203,8 @@ class RingABellDiscrete(Attack):
                     return -(embeds.float() - target.float()).pow(2).sum(dim=(1, 2)).cpu()
 
                 best, histories[prompt] = genetic_search(fitness, vocabulary, config, generator)
-            text = tokenizer.decode([int(i) for i in best], skip_special_tokens=True)
+            ids = [int(i) for i in best]
+            text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             found[prompt] = " ".join(text.replace("</w>", " ").split())
         attacked = [found[r.prompt] for r in rows]
         images = ctx.generate("edited", attacked, [r.evaluation_seed for r in rows])
