@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threa
 
 import argparse
 import json
+import logging
 import math
 import platform
 import time
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # which attack is running, with a time stamp: these runs take many minutes each
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("erasure.attacks").setLevel(logging.INFO)
     overrides = parse_method_overrides(args.method_overrides, args.methods)
     edits = parse_edits(args.edits)
     options = parse_settings(args.settings)
