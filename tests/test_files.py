@@ -115,6 +115,19 @@ def test_training_images_name_the_unreadable_file(tmp_path):
         load_training_images(empty)
 
 
+def test_a_mask_beside_its_image_rides_on_it_and_an_orphan_mask_is_named(tmp_path):
+    Image.new("RGB", (4, 4), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (4, 4), "blue").save(tmp_path / "b.jpg")
+    Image.new("RGB", (4, 4), "white").save(tmp_path / "a.mask.png")  # any mode: read as greyscale
+    images = load_training_images(tmp_path)
+    assert len(images) == 2 and images[0].getpixel((0, 0)) == (255, 0, 0)
+    assert images[0].info["mask"].mode == "L" and images[0].info["mask"].getpixel((0, 0)) == 255
+    assert "mask" not in images[1].info
+    Image.new("L", (4, 4)).save(tmp_path / "c.mask.png")
+    with pytest.raises(ImageFolderError, match=r"c\.mask\.png is a mask without its image"):
+        load_training_images(tmp_path)
+
+
 def test_outputs_get_the_umask_permissions_not_tempfiles_private_ones(tmp_path):
     old = os.umask(0o022)
     try:

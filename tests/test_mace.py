@@ -2,12 +2,20 @@
 
 import pytest
 import torch
+from PIL import Image
 
 from erasure.concepts import Concept, EraseRequest
 from erasure.diffusion import encode_prompts
 from erasure.edit import pipeline_tensor
 from erasure.methods import get_method
-from erasure.methods.mace import MACEConfig, anchor_version, fuse, importance_weights, matching_indices
+from erasure.methods.mace import (
+    MACEConfig,
+    anchor_version,
+    fuse,
+    importance_weights,
+    mask_region,
+    matching_indices,
+)
 from erasure.testing import tiny_pipeline
 
 PIP = Concept(name="pip", kind="character", erase=("pip", "a picture of pip"), anchor="a person")
@@ -75,6 +83,30 @@ def test_several_concepts_in_one_request_each_get_a_lora():
     stats = edit.config["stats"]
     assert stats["stages"] == "cfr+lora+fusion" and set(stats["lora_loss_first"]) == {"pip", "zog"}
     assert all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in edit.deltas)
+
+
+def test_mask_region_resizes_the_mask_to_the_latent_grid():
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 16, 32))  # the left half is the concept
+    region = mask_region(mask, (4, 4))
+    assert region.shape == (1, 4, 4) and region[0, :, :2].all() and not region[0, :, 2:].any()
+
+
+def test_given_images_are_used_and_their_masks_are_the_regions():
+    pipe = tiny_pipeline("sd1")
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue", "green")]
+    left = Image.new("L", (32, 32), 0)
+    left.paste(255, (0, 0, 16, 32))
+    images[0].info["mask"] = left  # as erasure.files.load_training_images attaches it
+    method = get_method("mace", **FAST)
+    data = method._training_data(pipe, PIP, torch.Generator().manual_seed(0), given=images)
+    assert len(data["latents"]) == 3 and data["masks_used"] == 1  # three given images, not training_images = 2
+    grid = data["latents"].shape[2:]
+    assert torch.equal(data["regions"][0], mask_region(left, grid)[0])
+    edit = method.apply(pipe, EraseRequest((PIP,)), images=images, progress=False)
+    assert edit.config["stats"]["given_images"] == {"pip": 3} and edit.config["stats"]["masked_images"] == {"pip": 1}
+    with pytest.raises(ValueError, match="dict"):
+        method.apply(pipe, EraseRequest((PIP, ZOG)), images=images, progress=False)
 
 
 @pytest.mark.parametrize(("options", "message"), [({"lam": -1}, "lam"), ({"rank": 0}, "rank"), ({"lr": 0}, "lr")])

@@ -148,7 +148,11 @@ def _add_erase(subparsers: argparse._SubParsersAction) -> None:
             "--anchor", default="", help="what --prompt maps to ('' = unconditional; one per prompt: a concept file)"
         )
         what.add_argument("--preserve", nargs="+", action="extend", default=[], metavar="P", help="prompts to keep")
-        sub.add_argument("--images", type=Path, help="folder of concept images (subfolders per concept name)")
+        sub.add_argument(
+            "--images", type=Path,
+            help="folder of concept images (subfolders per concept name; NAME.mask.png beside NAME.png marks the "
+            "concept's region, for MACE)",
+        )  # fmt: skip
         sub.add_argument("--out", type=Path, required=True, help="run folder to write the edit into")
         sub.add_argument("--overwrite", action="store_true", help="replace an edit already in --out")
         sub.add_argument("--device", help="device (default: cuda if available, else cpu)")

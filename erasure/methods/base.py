@@ -21,10 +21,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from torch import Tensor
@@ -43,6 +44,7 @@ __all__ = [
     "GenerationTimeMethod",
     "MethodConfig",
     "NonFiniteEditError",
+    "images_by_concept",
     "pipeline_tokenizers",
     "preset_parameters",
     "select_unet_parameters",
@@ -106,6 +108,35 @@ def preset_parameters(pipe: DiffusionPipeline, preset: str) -> dict[str, torch.n
                 selected |= {f"{component}.{name}": p for name, p in module.named_parameters()}
         return selected
     return select_unet_parameters(pipe.unet, preset)
+
+
+def images_by_concept(request: EraseRequest, images: Any) -> dict[str, Any]:
+    """The ``images`` a user gave a method, as ``{concept name: images}`` (``{}`` when none were given).
+
+    Args:
+        request: The request the images are for.
+        images: ``None``; a list of images (PIL images or ``[H, W, 3]`` arrays) or an ``[N, H, W, 3]`` array, for
+            a single-concept request; or ``{concept name: images}`` naming every concept
+            (:func:`erasure.files.load_training_images` reads a folder into either form).
+
+    Raises:
+        ValueError: A multi-concept request without a dict, a dict missing a concept, or not images at all.
+    """
+    if images is None:
+        return {}
+    if isinstance(images, Mapping):
+        missing = [c.name for c in request.concepts if c.name not in images]
+        if missing:
+            raise ValueError(f"images has no entry for concept(s) {', '.join(missing)}; give images for each.")
+        return dict(images)
+    if len(request.concepts) > 1:
+        raise ValueError(
+            "With several concepts, pass images as a dict {concept name: images} (a folder with one subfolder per "
+            "concept), so each image is used with its own concept."
+        )
+    if isinstance(images, str | bytes) or not isinstance(images, Sequence | np.ndarray):
+        raise ValueError("images must be a list of PIL images or arrays (the CLI loads --images DIR).")
+    return {request.concepts[0].name: images}
 
 
 def pipeline_tokenizers(pipe: DiffusionPipeline) -> list[Any]:

@@ -28,7 +28,6 @@ Parameters: cross-attention (``xattn``, default) or the whole UNet (``unet``; th
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +45,7 @@ from erasure.methods.base import (
     EraseMethod,
     MethodConfig,
     NonFiniteEditError,
+    images_by_concept,
     pipeline_tokenizers,
     select_unet_parameters,
 )
@@ -162,23 +162,6 @@ class ForgetMeNot(EraseMethod):
         )
         return list(images), prompts
 
-    def _images_by_concept(self, request: EraseRequest, images: Any) -> dict[str, Any]:
-        if images is None:
-            return {}
-        if isinstance(images, Mapping):
-            missing = [c.name for c in request.concepts if c.name not in images]
-            if missing:
-                raise ValueError(f"images has no entry for concept(s) {', '.join(missing)}; give images for each.")
-            return dict(images)
-        if len(request.concepts) > 1:
-            raise ValueError(
-                "With several concepts, pass images as a dict {concept name: images} so each image is re-steered "
-                "with its own concept's tokens."
-            )
-        if isinstance(images, str | bytes) or not isinstance(images, Sequence | np.ndarray):
-            raise ValueError("images must be a list of PIL images or arrays (the CLI loads --images DIR).")
-        return {request.concepts[0].name: images}
-
     def _erase(
         self,
         pipe: DiffusionPipeline,
@@ -190,7 +173,7 @@ class ForgetMeNot(EraseMethod):
         originals: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         config = self.config
-        given = self._images_by_concept(request, images)
+        given = images_by_concept(request, images)
         generator = torch.Generator().manual_seed(config.seed)
 
         # Training items: (latent x_0, prompt, token mask), from the base model before any change.
