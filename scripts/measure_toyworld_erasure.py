@@ -53,6 +53,7 @@ import torch
 from erasure.concepts import Concept, EraseRequest, load_concepts
 from erasure.evaluation.functional import bootstrap_interval as rate_interval
 from erasure.evaluation.functional import paired_ratio_interval as ratio_interval
+from erasure.files import load_training_images
 from erasure.generate import generate_paired
 from erasure.methods import get_method
 from erasure.toyworld.judge import prompt_expectation, prompt_subject, shows, target_attribute, verdict_label
@@ -94,6 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grids", type=Path, default=None, help="folder for base-vs-edited comparison grids")
     parser.add_argument("--out", type=Path, default=REPO / "runs/measure/measure.json", help="JSON results file")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument(
+        "--training-images", type=Path, default=None, metavar="DIR",
+        help="give the methods these training images: DIR/<concept name>/ per concept, e.g. renders with their "
+        "masks from scripts/render_toyworld_images.py (used by MACE and Forget-Me-Not)",
+    )  # fmt: skip
     parser.add_argument(
         "--together", action="store_true",
         help="erase every --concepts entry in one request (a multi-concept edit), then score each concept on it",
@@ -298,10 +304,14 @@ def erase(name: str, overrides: dict[str, Any], pipe: Any, request: EraseRequest
         rows["unet_rows"] += int(inputs[0].shape[0])
         rows["unet_rows_with_grad"] += int(inputs[0].shape[0]) if torch.is_grad_enabled() else 0
 
+    images = None
+    if args.training_images is not None:  # DIR/<concept name>/: one folder per concept (NAME.mask.png masks)
+        images = {c.name: load_training_images(args.training_images / c.name) for c in request.concepts}
+        images = images if len(images) > 1 else next(iter(images.values()))
     hook = pipe.unet.register_forward_pre_hook(count_rows)
     started = time.monotonic()
     try:
-        edit = method.apply(pipe, request, progress=args.progress, base_model=args.model)
+        edit = method.apply(pipe, request, images=images, progress=args.progress, base_model=args.model)
     finally:
         hook.remove()
     return method, edit, rows | {"erase_seconds": round(time.monotonic() - started, 1)}

@@ -414,3 +414,21 @@ def test_labels_describe_the_scene():
 def test_unknown_names_raise_with_the_allowed_values(call):
     with pytest.raises(ValueError, match="expected one of"):
         call()
+
+
+def test_rendered_training_images_come_with_masks_of_their_figures(tmp_path):
+    from conftest import load_script
+
+    from erasure.files import load_training_images
+
+    script = load_script("render_toyworld_images.py")
+    assert script.main(["--concept", "red", "--count", "3", "--seed", "1", "--out", str(tmp_path / "red")]) == 0
+    images = load_training_images(tmp_path / "red")
+    assert len(images) == 3
+    for image in images:
+        pixels, mask = np.asarray(image), np.asarray(image.info["mask"]) > 127
+        drawn = (pixels != np.asarray(BACKGROUND, dtype=np.uint8)).any(-1)
+        assert drawn.any() and not (drawn & ~mask).any()  # everything drawn lies on the figure's mask
+        assert (pixels[drawn] == np.asarray(render.COLOURS["red"], dtype=np.uint8)).all()  # red, in any style
+    with pytest.raises(SystemExit, match="exists"):
+        script.main(["--concept", "red", "--out", str(tmp_path / "red")])

@@ -198,6 +198,12 @@ def render(scene: Scene) -> np.ndarray:
     return image
 
 
+def figure_mask(scene: Scene) -> np.ndarray:
+    """``(64, 64)`` bool: the pixels of the scene's figure (its whole shape, whatever its style): the region where
+    the image shows its character, shape, colour and style, the ground truth a segmentation model would estimate."""
+    return shape_mask(scene.shape, scene.size, scene.left, scene.top)
+
+
 def place(rng: np.random.Generator) -> tuple[int, int, int]:
     """Draw a size and a bounding-box position that keeps ``MARGIN`` px inside the canvas."""
     size = int(rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1))
