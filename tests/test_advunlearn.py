@@ -50,20 +50,27 @@ def test_the_inner_attack_lowers_its_objective_and_the_text_encoder_is_what_chan
     pipe = tiny_pipeline("sd1")
     method = get_method("advunlearn", attack_steps=15, attack_lr=0.05, **SMALL)
     generator = torch.Generator().manual_seed(0)
-    bank = method._state_bank(pipe, REQUEST, generator)
-    ids = prefixed_ids(pipe.tokenizer, bank["prompts"][:1], 1)
-    x_t, t, original = bank["x_t"][:1], bank["t"][:1], bank["concept"][:1]
+    (concept,) = REQUEST.concepts
+    bank = method._state_bank(pipe, list(concept.erase), list(concept.erase_anchors), generator)
+    one = {key: bank[key][:1] for key in ("x_t", "t", "rows", "prediction")}  # one state: every draw picks it
+    row = int(one["rows"][0])
+    ids = prefixed_ids(pipe.tokenizer, bank["prompts"][row : row + 1], 1)
     start = token_embedding(pipe.text_encoder).weight.detach()[None, :1] * 0 + 0.01
     with EmbeddingOverride(pipe.text_encoder) as override, torch.no_grad():
+        embeds = encode_with_prefix(pipe, override, ids, start)
         before = torch.nn.functional.mse_loss(
-            pipe.unet(x_t, t, encoder_hidden_states=encode_with_prefix(pipe, override, ids, start))[0], original
+            pipe.unet(one["x_t"], one["t"], encoder_hidden_states=embeds)[0], one["prediction"]
         )
     with EmbeddingOverride(pipe.text_encoder) as override:
-        _, after = method._attack(pipe, override, ids, x_t, t, original, start)
+        _, after = method._attack(pipe, override, ids, one, row, start, generator)
     assert after < float(before)
     edit = get_method("advunlearn", **quick()).apply(pipe, REQUEST, progress=False)
     assert edit.deltas and all(key.startswith("text_encoder.") for key in edit.deltas)
-    assert edit.config["stats"]["attacked_iterations"] == 2 and edit.config["stats"]["retain_prompts"] == 2
+    assert not any(".embeddings." in key for key in edit.deltas)  # layers and final norm, not the tables
+    assert any("final_layer_norm" in key for key in edit.deltas)
+    stats = edit.config["stats"]
+    assert stats["attacked_iterations"] == 2 and stats["retain_prompts"] == 2
+    assert stats["cached_retain_states"] == stats["cached_states"] > 0  # the retain prompts' own runs, as many
     before_embeds = encode_prompts(pipe, ["pip"]).prompt_embeds
     with edit.applied(pipe):
         assert not torch.equal(encode_prompts(pipe, ["pip"]).prompt_embeds, before_embeds)

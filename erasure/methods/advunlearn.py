@@ -16,13 +16,18 @@ embedding that brings it back. AdvUnlearn trains against that attacker, as a bi-
           + gamma * || eps_theta(x_t, c_r, t) - eps_theta*(x_t, c_r, t) ||^2
 
 The attack starts after ``warmup_iterations`` (official 200 of 1000); before, the outer step is plain ESD.
-Parameters: the text encoder by default (``text_encoder``, the paper's choice: the robust encoder then works in
-other SD 1.x UNets), or the UNet's ``xattn`` / ``noxattn``. Official defaults: 1000 iterations, lr 1e-5, one
-adversarial token.
+Parameters: the text encoder's transformer layers and final layer norm by default (``text_encoder``, the paper's
+choice and the official ``text_encoder_full``, which leaves the token and position tables alone: the robust encoder
+then works in other SD 1.x UNets), or the UNet's ``xattn`` / ``noxattn``. Defaults: the README's command of the
+official repository (1000 iterations, lr 1e-5, one adversarial token initialised from a random vocabulary row, the
+``reg`` retain mode with weight 0.3); its argparse defaults differ (retain weight 1, warm-started attacks).
 
 ``x_t`` comes from ESD's ``cached`` sampler: ``trajectories`` guided DDIM runs of the original model, made once,
 every state reused with its frozen predictions (the official code re-samples with the model being trained; with a
-frozen UNet and an embedding-space attack, the frozen model's states are the ones where the concept appears). The
+frozen UNet and an embedding-space attack, the frozen model's states are the ones where the concept appears). Each
+inner-attack step and the outer step draw their own state of the prompt (the official code draws a fresh ``t`` and
+``z`` for each), and the retain loss runs on states of the retain prompts' own trajectories (a second bank, as the
+official code DDIM-samples each retain prompt), against the original model's cached predictions. The
 adversarial vector enters the encoder through :class:`erasure.embedding_override.EmbeddingOverride` at position 1
 (after the start token; the prompt shifts right by ``k``), the same override the probe's embedding attacks use.
 Text-encoder changes are saved as ``text_encoder.*`` deltas, applied, scaled and reverted like UNet ones.
@@ -31,7 +36,6 @@ SD 1.x and 2.x (one text encoder), as the official code.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +51,7 @@ from erasure.diffusion import Conditioning, encode_prompts, predict_noise, uncon
 from erasure.embedding_override import EmbeddingOverride, token_embedding
 from erasure.methods import register
 from erasure.methods.base import EraseMethod, MethodConfig, NonFiniteEditError, preset_parameters
-from erasure.methods.esd import adam_steps_in_backward, esd_target, original_weights
+from erasure.methods.esd import adam_steps_in_backward, esd_target
 from erasure.pipeline import ModelFamily, execution_device
 from erasure.sampling import ddim_trajectory
 
@@ -128,55 +132,78 @@ class AdvUnlearn(EraseMethod):
                 "resolution": 16}  # fmt: skip
 
     def select_parameters(self, pipe: DiffusionPipeline) -> dict[str, torch.nn.Parameter]:
-        """The text encoder's parameters, or the UNet preset of ``config.parameters``."""
-        return preset_parameters(pipe, self.config.parameters)
+        """Text encoder layers and final norm (no embedding tables: official ``text_encoder_full``), or UNet."""
+        selected = preset_parameters(pipe, self.config.parameters)
+        if self.config.parameters == "text_encoder":
+            selected = {key: p for key, p in selected.items() if ".embeddings." not in key}
+        return selected
 
     @torch.no_grad()
-    def _state_bank(self, pipe: DiffusionPipeline, request: EraseRequest, generator: torch.Generator) -> dict:
-        """Original-model states ``x_t``: their erase prompts, ESD targets, concept predictions ``eps*(x_t, c)``."""
+    def _state_bank(
+        self, pipe: DiffusionPipeline, prompts: list[str], anchors: list[str] | None, generator: torch.Generator
+    ) -> dict:
+        """Original-model states ``x_t`` of ``trajectories`` guided DDIM runs, each run on a random one of ``prompts``.
+
+        Every state keeps its prompt (``rows``), timestep and the original model's prediction for that prompt
+        (``prediction``: ``eps*(x_t, c)``, the attack's and the retain loss's target) and, with ``anchors``, ESD's
+        Eq. 7 target (``target``). Made once, before any weight changes, so every cached prediction is the
+        original model's whatever is trained.
+        """
         config = self.config
-        prompts = [prompt for concept in request.concepts for prompt in concept.erase]
-        anchors = [anchor for concept in request.concepts for anchor in concept.erase_anchors]
         unconditional = unconditional_conditioning(pipe)
-        concept_cond = encode_prompts(pipe, prompts)
-        anchor_cond = Conditioning.cat([encode_prompts(pipe, [a]) if a else unconditional for a in anchors])
+        conditioning = encode_prompts(pipe, prompts)
+        anchor_cond = (
+            Conditioning.cat([encode_prompts(pipe, [a]) if a else unconditional for a in anchors]) if anchors else None
+        )
         rows = torch.randint(len(prompts), (config.trajectories,), generator=generator)
         states = ddim_trajectory(
-            pipe, concept_cond[rows], config.ddim_steps - 1, config.ddim_steps, config.guidance, generator,
+            pipe, conditioning[rows], config.ddim_steps - 1, config.ddim_steps, config.guidance, generator,
             unconditional=unconditional, size=config.resolution,
         )  # fmt: skip
-        targets, concepts = [], []
+        targets, predictions = [], []
         for latents, timestep in states:
-            both = predict_noise(
-                pipe,
-                torch.cat([latents, latents]),
-                timestep,
-                Conditioning.cat([concept_cond[rows], anchor_cond[rows]]),
-            )
+            if anchor_cond is None:
+                predictions.append(predict_noise(pipe, latents, timestep, conditioning[rows]).float())
+                continue
+            pair = Conditioning.cat([conditioning[rows], anchor_cond[rows]])
+            both = predict_noise(pipe, torch.cat([latents, latents]), timestep, pair)
             out_concept, out_anchor = both.float().chunk(2)
             targets.append(esd_target(out_concept, out_anchor, config.eta))
-            concepts.append(out_concept)
+            predictions.append(out_concept)
         return {
             "prompts": prompts,
             "x_t": torch.cat([latents for latents, _ in states]),
             "t": torch.cat([timestep.expand(config.trajectories) for _, timestep in states]),
             "rows": rows.repeat(len(states)),
-            "target": torch.cat(targets),
-            "concept": torch.cat(concepts),
+            "target": torch.cat(targets) if targets else None,
+            "prediction": torch.cat(predictions),
         }
 
+    @staticmethod
+    def _draw(bank: dict, row: int, generator: torch.Generator) -> Tensor:
+        """The index of a random cached state of prompt ``row`` (any timestep, any of its trajectories)."""
+        (candidates,) = torch.nonzero(bank["rows"] == row, as_tuple=True)
+        return candidates[torch.randint(len(candidates), (1,), generator=generator)]
+
     def _attack(
-        self, pipe: DiffusionPipeline, override: EmbeddingOverride, ids: Tensor, x_t: Tensor, t: Tensor,
-        original: Tensor, start: Tensor,
+        self, pipe: DiffusionPipeline, override: EmbeddingOverride, ids: Tensor, bank: dict, row: int,
+        start: Tensor, generator: torch.Generator,
     ) -> tuple[Tensor, float]:  # fmt: skip
-        """The inner attack: ``delta`` minimising ``|| eps_theta(x_t, c (+) delta) - eps*(x_t, c) ||^2``."""
+        """The inner attack: ``delta`` minimising ``|| eps_theta(x_t, c (+) delta) - eps*(x_t, c) ||^2``.
+
+        Each step draws a fresh cached state of the prompt (as the official attack draws a fresh ``t`` and ``z`` per
+        step), so ``delta`` is fitted to the concept rather than to one noisy latent. The official loop never zeroes
+        the attack's gradients (Adam sees their running sum); here each step's gradient is its own.
+        """
         delta = start.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([delta], lr=self.config.attack_lr)
         loss = torch.zeros(())
         for _ in range(self.config.attack_steps):
+            pick = self._draw(bank, row, generator)
             embeds = encode_with_prefix(pipe, override, ids, delta)
-            prediction = pipe.unet(x_t, t, encoder_hidden_states=embeds, return_dict=False)[0]
-            loss = F.mse_loss(prediction.float(), original)
+            prediction = pipe.unet(bank["x_t"][pick], bank["t"][pick], encoder_hidden_states=embeds,
+                                   return_dict=False)[0]  # fmt: skip
+            loss = F.mse_loss(prediction.float(), bank["prediction"][pick])
             (gradient,) = torch.autograd.grad(loss, [delta])  # the trained weights get no gradient here
             delta.grad = gradient
             optimizer.step()
@@ -198,18 +225,19 @@ class AdvUnlearn(EraseMethod):
         if images is not None:
             logger.warning("AdvUnlearn makes its own noisy latents from the model; the given images are not used.")
         generator = torch.Generator().manual_seed(config.seed)
-        bank = self._state_bank(pipe, request, generator)  # before any change: the original model
+        prompts = [prompt for concept in request.concepts for prompt in concept.erase]
+        anchors = [anchor for concept in request.concepts for anchor in concept.erase_anchors]
+        bank = self._state_bank(pipe, prompts, anchors, generator)  # before any change: the original model
         retain = list(request.preserve_prompts)
-        retain_embeds = encode_prompts(pipe, retain).prompt_embeds.detach() if retain else None
-        if not retain:
+        retain_bank = None
+        if retain and config.retain_weight:  # the retain prompts' own states, as the official DDIM-samples them
+            retain_bank = self._state_bank(pipe, retain, None, generator)
+        elif not retain:
             logger.warning("AdvUnlearn: the request has no preserve prompts; training without the retain loss.")
-        ids = prefixed_ids(pipe.tokenizer, bank["prompts"], config.adversarial_tokens)
-        plain_ids = prefixed_ids(pipe.tokenizer, bank["prompts"], 0)
+        ids = prefixed_ids(pipe.tokenizer, prompts, config.adversarial_tokens)
+        plain_ids = prefixed_ids(pipe.tokenizer, prompts, 0)
         table = token_embedding(pipe.text_encoder).weight.detach()
         trained = list(parameters.values())
-        frozen_values = (
-            [parameter.detach().clone() for parameter in trained] if config.parameters != "text_encoder" else []
-        )
         pipe.unet.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         for parameter in trained:
@@ -218,27 +246,26 @@ class AdvUnlearn(EraseMethod):
         with EmbeddingOverride(pipe.text_encoder) as override, adam_steps_in_backward(trained, config.lr):
             bar = tqdm(range(config.iterations), desc=self.name, disable=not progress or None)
             for iteration in bar:
-                pick = torch.randint(len(bank["t"]), (1,), generator=generator)
-                x_t, t, row = bank["x_t"][pick], bank["t"][pick], bank["rows"][pick]
+                pick = torch.randint(len(bank["t"]), (1,), generator=generator)  # as ESD's cached sampler draws
+                row = int(bank["rows"][pick])
                 if iteration >= config.warmup_iterations and config.attack_steps:
                     start = table[torch.randint(len(table), (1, config.adversarial_tokens), generator=generator)]
-                    delta, attack_loss = self._attack(pipe, override, ids[row], x_t, t, bank["concept"][pick], start)
+                    delta, attack_loss = self._attack(pipe, override, ids[[row]], bank, row, start, generator)
                     attack_losses.append(attack_loss)
-                    embeds = encode_with_prefix(pipe, override, ids[row], delta)
+                    pick = self._draw(bank, row, generator)  # the outer step's own state, as the official
+                    embeds = encode_with_prefix(pipe, override, ids[[row]], delta)
                 else:
-                    embeds = pipe.text_encoder(plain_ids[row].to(x_t.device))[0]
+                    embeds = pipe.text_encoder(plain_ids[[row]].to(bank["x_t"].device))[0]
+                x_t, t = bank["x_t"][pick], bank["t"][pick]
                 prediction = pipe.unet(x_t, t, encoder_hidden_states=embeds, return_dict=False)[0]
                 loss = F.mse_loss(prediction.float(), bank["target"][pick])
-                if retain_embeds is not None and config.retain_weight:
-                    chosen = torch.randint(len(retain), (config.retain_batch,), generator=generator)
-                    x_r, t_r = x_t.expand(len(chosen), -1, -1, -1), t.expand(len(chosen))
-                    frozen = original_weights(trained, frozen_values) if frozen_values else contextlib.nullcontext()
-                    with torch.no_grad(), frozen:
-                        kept = pipe.unet(x_r, t_r, encoder_hidden_states=retain_embeds[chosen], return_dict=False)[0]
-                    retain_ids = prefixed_ids(pipe.tokenizer, [retain[int(i)] for i in chosen], 0)
+                if retain_bank is not None:
+                    chosen = torch.randperm(len(retain_bank["t"]), generator=generator)[: config.retain_batch]
+                    retain_ids = prefixed_ids(pipe.tokenizer, [retain[int(i)] for i in retain_bank["rows"][chosen]], 0)
                     current = pipe.text_encoder(retain_ids.to(x_t.device))[0]
-                    moved = pipe.unet(x_r, t_r, encoder_hidden_states=current, return_dict=False)[0]
-                    loss = loss + config.retain_weight * F.mse_loss(moved.float(), kept.float())
+                    moved = pipe.unet(retain_bank["x_t"][chosen], retain_bank["t"][chosen],
+                                      encoder_hidden_states=current, return_dict=False)[0]  # fmt: skip
+                    loss = loss + config.retain_weight * F.mse_loss(moved.float(), retain_bank["prediction"][chosen])
                 if not torch.isfinite(loss):
                     raise NonFiniteEditError(
                         f"AdvUnlearn loss became {loss.item()} at iteration {iteration}; lower lr (now "
@@ -251,6 +278,7 @@ class AdvUnlearn(EraseMethod):
             "iterations": config.iterations,
             "attacked_iterations": len(attack_losses),
             "cached_states": len(bank["t"]),
+            "cached_retain_states": len(retain_bank["t"]) if retain_bank is not None else 0,
             "retain_prompts": len(retain),
             "loss_first": losses[0],
             "loss_last": losses[-1],

@@ -199,8 +199,11 @@ def render(scene: Scene) -> np.ndarray:
 
 
 def figure_mask(scene: Scene) -> np.ndarray:
-    """``(64, 64)`` bool: the pixels of the scene's figure (its whole shape, whatever its style): the region where
-    the image shows its character, shape, colour and style, the ground truth a segmentation model would estimate."""
+    """``(64, 64)`` bool: the pixels of the scene's figure, its whole shape whatever its style.
+
+    The region where the image shows its character, shape, colour and style: the ground truth a segmentation model
+    would estimate.
+    """
     return shape_mask(scene.shape, scene.size, scene.left, scene.top)
 
 
