@@ -21,7 +21,11 @@ __all__ = ["lora_deltas", "lora_hooks"]
 
 @contextlib.contextmanager
 def lora_hooks(
-    model: torch.nn.Module, parameters: dict[str, torch.nn.Parameter], rank: int, generator: torch.Generator
+    model: torch.nn.Module,
+    parameters: dict[str, torch.nn.Parameter],
+    rank: int,
+    generator: torch.Generator,
+    a_std: float | None = None,
 ) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
     """Add a rank-``rank`` adapter to each 2-D weight while the block runs; yield ``{key: (A, B)}``.
 
@@ -30,7 +34,10 @@ def lora_hooks(
             and the hook goes on ``<submodule>`` (the prefix, e.g. ``unet.``, is dropped).
         parameters: The 2-D weights ``W`` [out, in] to adapt.
         rank: ``r``, the adapter rank.
-        generator: Draws ``A ~ N(0, 1/in)`` (``B`` starts at zero).
+        generator: Draws ``A`` (``B`` starts at zero).
+        a_std: The standard deviation of ``A``'s entries; ``1/sqrt(in)`` when not given. diffusers'
+            ``LoRALinearLayer`` (which MACE's official code uses) draws ``1/rank``; with Adam, ``B`` moves about
+            ``lr`` per step whatever ``A`` is, so ``B A`` grows in proportion to this scale.
 
     Yields:
         The trainable factors ``A`` [r, in] and ``B`` [out, r] (``requires_grad``), on each weight's device and dtype.
@@ -44,7 +51,8 @@ def lora_hooks(
             if parameter.ndim != 2:
                 raise ValueError(f"a LoRA adapts 2-D weights only; {key} has {parameter.ndim} dimensions.")
             module = model.get_submodule(key.partition(".")[2].removesuffix(".weight"))
-            a = torch.randn(rank, parameter.shape[1], generator=generator) / math.sqrt(parameter.shape[1])
+            std = a_std if a_std is not None else 1 / math.sqrt(parameter.shape[1])
+            a = torch.randn(rank, parameter.shape[1], generator=generator) * std
             a = a.to(parameter).requires_grad_(True)
             b = torch.zeros(parameter.shape[0], rank).to(parameter).requires_grad_(True)
             handles.append(module.register_forward_hook(lambda m, args, out, a=a, b=b: out + (args[0] @ a.T) @ b.T))

@@ -11,6 +11,7 @@ from erasure.methods import get_method
 from erasure.methods.mace import (
     MACEConfig,
     anchor_version,
+    concept_token_mask,
     fuse,
     importance_weights,
     mask_region,
@@ -85,6 +86,23 @@ def test_several_concepts_in_one_request_each_get_a_lora():
     assert all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in edit.deltas)
 
 
+def test_the_loss_columns_are_the_concept_words_and_every_end_of_text_position():
+    tokenizer = tiny_pipeline("sd1").tokenizer
+    mask = concept_token_mask(tokenizer, "a picture of pip", PIP)
+    ids = tokenizer("a picture of pip", padding="max_length", max_length=tokenizer.model_max_length).input_ids
+    expected = [i == tokenizer.eos_token_id for i in ids]
+    expected[ids.index(tokenizer.convert_tokens_to_ids("pip</w>"))] = True
+    assert mask.tolist() == expected and sum(expected) > 2  # the word, the end token and the padding after it
+
+
+def test_lora_defaults_follow_the_official_config_of_each_kind():
+    config = MACEConfig()
+    assert config.lora_settings("character") == config.lora_settings("style") == (1e-4, 50)
+    assert config.lora_settings("object") == config.lora_settings("attribute") == (1e-5, 50)
+    assert config.lora_settings("unsafe") == (1e-5, 120)
+    assert MACEConfig(lr=3e-4, lora_steps=7).lora_settings("unsafe") == (3e-4, 7)
+
+
 def test_mask_region_resizes_the_mask_to_the_latent_grid():
     mask = Image.new("L", (32, 32), 0)
     mask.paste(255, (0, 0, 16, 32))  # the left half is the concept
@@ -128,6 +146,7 @@ def test_the_lora_stage_removes_the_concept_tokens_attention_in_the_region():
         return deltas, losses
 
     method._lora = recording
-    method.apply(pipe, EraseRequest((PIP,)), progress=False)
+    one_prompt = Concept(name="pip", kind="character", erase=("a picture of pip",), anchor="a person")
+    method.apply(pipe, EraseRequest((one_prompt,)), progress=False)  # one prompt: the curve varies with t only
     (losses,) = curves
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])  # sum over layers of ||A[region, concept tokens]||_F falls
