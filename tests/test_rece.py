@@ -82,7 +82,9 @@ def test_defaults_follow_the_concept_kind():
     assert config.regularisation_for(style) == 1e-3
     assert config.regularisation_for(unsafe) == 0.1
     assert config.epochs_for(EraseRequest((style,))) == 1
-    assert config.epochs_for(EraseRequest((style, unsafe))) == 2
+    assert config.epochs_for(EraseRequest((style, unsafe))) == 3  # the largest: train.py's nudity default
+    ship = Concept(name="ship", kind="object", erase=("ship",))
+    assert config.regularisation_for(ship) == 1e-3  # train_object.py's default
     assert RECEConfig(embedding_regularisation=0.5).regularisation_for(style) == 0.5
     assert RECEConfig(epochs=4).epochs_for(EraseRequest((style,))) == 4
 

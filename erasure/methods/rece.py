@@ -17,10 +17,16 @@ embedding that does, in closed form, and erases it too, for a few epochs:
    which classifier-free guidance subtracts; the official default when no preserve set is given) keep
    ``W' c_p``; the ridge term pulls towards ``W'``. Official weights: erase 1, preserve 0.1, lambda 0.1.
 
-Defaults per concept kind, from the paper's README and the official scripts: ``lambda_reg`` 0.1 for unsafe
-content and "easy" objects, 1e-3 for art styles and "hard" objects; epochs 2 for unsafe content (3 for nudity),
-1 for styles and objects. Characters (named people) follow styles; attributes follow objects. A request with
-several kinds takes the largest epoch count; ``lambda_reg`` is per concept.
+Defaults per concept kind, from the official scripts' defaults: ``lambda_reg`` 0.1 for unsafe content (train.py),
+1e-3 for art styles (train_artists.py) and objects (train_object.py's default, its "hard" objects; it passes 0.1
+only for a list of "easy" ones); epochs 3 for unsafe content (train.py's nudity default; its I2P run uses 2), 1 for
+styles and objects. Characters (named people) follow styles; attributes follow objects. A request with several
+kinds takes the largest epoch count; ``lambda_reg`` is per concept.
+
+Two differences from the official pipeline remain: the first edit is this library's UCE at its defaults (the
+official starting checkpoints come from the older UCE script, which edits every token from the last subject word
+through the padding and always preserves the empty prompt), and ``c`` is every erase prompt of the concept (the
+official code erases the bare concept word).
 
 The official code keeps the epoch whose validation images a classifier (NudeNet, Q16) finds cleanest. This
 implementation keeps the last epoch and selects with no judge: a judge chosen for selection would also decide the
@@ -47,10 +53,10 @@ from erasure.methods.uce import UCE, UCEConfig, encode_full
 
 logger = logging.getLogger(__name__)
 
-#: lambda_reg per concept kind (RECE README: 0.1 nudity/unsafe and easy objects, 1e-3 art and hard objects).
-REGULARISATION_BY_KIND = {"unsafe": 0.1, "object": 0.1, "attribute": 0.1, "style": 1e-3, "character": 1e-3}
-#: Epochs per concept kind (official scripts: train.py 3 for nudity, 2 for unsafe; train_artists/objects 1).
-EPOCHS_BY_KIND = {"unsafe": 2, "object": 1, "attribute": 1, "style": 1, "character": 1}
+#: lambda_reg per concept kind (official defaults: train.py 0.1; train_artists.py and train_object.py 1e-3).
+REGULARISATION_BY_KIND = {"unsafe": 0.1, "object": 1e-3, "attribute": 1e-3, "style": 1e-3, "character": 1e-3}
+#: Epochs per concept kind (official defaults: train.py 3 for nudity; train_artists.py and train_object.py 1).
+EPOCHS_BY_KIND = {"unsafe": 3, "object": 1, "attribute": 1, "style": 1, "character": 1}
 
 
 @dataclass
