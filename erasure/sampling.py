@@ -196,6 +196,18 @@ def partial_ddim(
     return states[-1]
 
 
+def denoising_target(pipe: DiffusionPipeline, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """What the UNet should output for ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise``, in its parameterisation.
+
+    ``noise`` for epsilon models; ``v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0`` for v-prediction models (SD 2.x
+    768, Salimans & Ho 2022, Eq. 9 of "Progressive distillation").
+    """
+    if str(pipe.scheduler.config.get("prediction_type", "epsilon")) != "v_prediction":
+        return noise
+    abar = ddim_scheduler(pipe).alphas_cumprod[timesteps.reshape(-1).cpu()].to(latents).view(-1, 1, 1, 1)
+    return abar.sqrt() * noise - (1 - abar).sqrt() * latents
+
+
 def forward_noise(
     pipe: DiffusionPipeline,
     latents: Tensor,

@@ -142,3 +142,14 @@ def test_any_scheduler_gives_an_unclipped_ddim_with_the_same_schedule():
     assert not scheduler.config.clip_sample  # DDIM's default (True) would clip latents to [-1, 1]
     torch.testing.assert_close(scheduler.alphas_cumprod, pipe.scheduler.alphas_cumprod)
     assert scheduler.timesteps[:2].tolist() == [981, 961]
+
+
+def test_the_denoising_target_is_the_noise_or_v_as_the_model_predicts():
+    from erasure.sampling import ddim_scheduler, denoising_target
+    from erasure.testing import tiny_pipeline
+
+    x0, noise, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.tensor([10, 900])
+    assert denoising_target(tiny_pipeline("sd1"), x0, noise, t) is noise
+    pipe = tiny_pipeline("sd2")  # v-prediction
+    abar = ddim_scheduler(pipe).alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(denoising_target(pipe, x0, noise, t), abar.sqrt() * noise - (1 - abar).sqrt() * x0)

@@ -34,7 +34,7 @@ from erasure.attacks.context import AttackContext
 from erasure.concepts import Concept
 from erasure.diffusion import Conditioning, predict_noise, unconditional_conditioning
 from erasure.evaluation.functional import BOOTSTRAP_DRAWS, BOOTSTRAP_SEED
-from erasure.sampling import ddim_scheduler, images_to_latents
+from erasure.sampling import ddim_scheduler, denoising_target, images_to_latents
 
 __all__ = ["LikelihoodConfig", "likelihood_gaps"]
 
@@ -58,7 +58,6 @@ def _losses(ctx: AttackContext, which: str, latents: torch.Tensor, prompts: Sequ
     timesteps, noises = draws  # [S], [N, S, C, h, w]
     samples = len(timesteps)
     alphas = ddim_scheduler(pipe).alphas_cumprod
-    kind = str(pipe.scheduler.config.get("prediction_type", "epsilon"))
     totals = torch.zeros(len(prompts), dtype=torch.float64)
     with ctx.model(which), torch.no_grad():
         empty = unconditional_conditioning(pipe)
@@ -73,7 +72,7 @@ def _losses(ctx: AttackContext, which: str, latents: torch.Tensor, prompts: Sequ
             abar = alphas[t].to(x0).view(-1, 1, 1, 1)
             noise = torch.stack([noises[i][j] for i, j in part]).to(x0)
             x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-            target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if kind == "v_prediction" else noise
+            target = denoising_target(pipe, x0, noise, t)
             condition = Conditioning.cat([conditions[i] for i in images])
             output = predict_noise(pipe, x_t, t.to(x0.device), condition)
             per_row = (output.float() - target.float()).pow(2).flatten(1).mean(1).double().cpu()

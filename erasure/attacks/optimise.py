@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from erasure.attacks.base import AttackError
 from erasure.attacks.override import EmbeddingOverride, SlotLayout, check_family, encode_layouts, slot_text
 from erasure.pipeline import execution_device
+from erasure.sampling import denoising_target
 
 logger = logging.getLogger(__name__)
 
@@ -248,8 +249,7 @@ class DenoiseObjective:
         noise = torch.randn(x0.shape, generator=generator).to(x0)
         abar = abar_all[t].to(x0).view(-1, 1, 1, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-        kind = str(pipe.scheduler.config.get("prediction_type", "epsilon"))
-        target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if kind == "v_prediction" else noise
+        target = denoising_target(pipe, x0, noise, t)
         output = _unet(pipe, x_t, t.to(x0.device), embeds[self.layout_index[index]])
         return F.mse_loss(output.float(), target.float())
 

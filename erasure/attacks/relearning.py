@@ -39,7 +39,7 @@ from erasure.concepts import Concept
 from erasure.lora import lora_deltas, lora_hooks
 from erasure.methods.base import select_unet_parameters
 from erasure.prompt_sets import PromptRow
-from erasure.sampling import ddim_scheduler, forward_noise, images_to_latents
+from erasure.sampling import denoising_target, forward_noise, images_to_latents
 
 __all__ = ["Relearning", "RelearningConfig", "Resurgence"]
 
@@ -119,8 +119,6 @@ class Relearning(Attack):
                 factors = hooks.enter_context(lora_hooks(pipe.unet, parameters, config.rank, generator))
             trained = [t for pair in factors.values() for t in pair] if config.rank else list(parameters.values())
             optimizer = torch.optim.Adam(trained, lr=config.lr)
-            kind = str(pipe.scheduler.config.get("prediction_type", "epsilon"))
-            abar_all = ddim_scheduler(pipe).alphas_cumprod
             losses, done = [], 0
             try:
                 for p in trained:
@@ -130,8 +128,7 @@ class Relearning(Attack):
                         pick = torch.randint(len(latents), (config.batch_size,), generator=generator)
                         x0 = latents[pick]
                         noisy, noise, t = forward_noise(pipe, x0, generator=generator)
-                        abar = abar_all[t.cpu()].to(x0).view(-1, 1, 1, 1)
-                        target = abar.sqrt() * noise - (1 - abar).sqrt() * x0 if kind == "v_prediction" else noise
+                        target = denoising_target(pipe, x0, noise, t)
                         out = pipe.unet(noisy, t, encoder_hidden_states=captions[pick], return_dict=False)[0]
                         loss = F.mse_loss(out.float(), target.float())
                         optimizer.zero_grad(set_to_none=True)

@@ -20,18 +20,25 @@ official code builds ``c*`` from anchor captions by inserting the concept ("...,
 Official defaults (``diffusers/README.md`` and ``train.py``, style and object ablation): cross-attention keys and
 values (``parameters = "xattn_kv"``; ``attn`` every attention projection, ``unet`` every weight), 100 steps of
 batch 8 (4 per GPU on 2 GPUs), AdamW at 2e-6 scaled by ``--scale_lr`` to 2e-6 x 4 x 2 = 1.6e-5, weight decay 1e-2,
-gradient clipping at 1, a constant schedule; 1,000 anchor images generated in 25 steps at guidance 6.
+gradient clipping at 1, a constant schedule; 1,000 anchor images generated in 25 steps at guidance 6. As the
+official attention processor, no gradient flows through the start token's cross-attention keys and values
+(:func:`start_token_detached`). Not carried over: the official loss mask (it drops a one-latent border), its
+horizontal-flip and random-scale augmentation, prior preservation (the README's nudity setting), and its
+DPM-Solver anchor sampling (here the pipeline's own scheduler).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from erasure.concepts import EraseRequest
@@ -39,7 +46,7 @@ from erasure.diffusion import encode_prompts
 from erasure.generate import generate
 from erasure.methods import register
 from erasure.methods.base import EraseMethod, MethodConfig, NonFiniteEditError, select_unet_parameters
-from erasure.sampling import forward_noise, images_to_latents
+from erasure.sampling import denoising_target, forward_noise, images_to_latents
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +89,29 @@ class ConceptAblationConfig(MethodConfig):
             raise ValueError("weight_decay and max_grad_norm must be >= 0.")
         if self.resolution is not None and self.resolution < 8:
             raise ValueError(f"resolution must be at least 8 pixels, got {self.resolution}.")
+
+
+@contextlib.contextmanager
+def start_token_detached(unet: torch.nn.Module) -> Iterator[None]:
+    """No gradient through the start token's cross-attention keys and values while the block runs.
+
+    Every prompt begins with the same start token, so its keys and values carry no concept; the official attention
+    processor (``model_pipeline.py``) detaches them, so that training moves only what the concept's tokens see.
+    """
+
+    def detach_first(module: torch.nn.Module, args: tuple, out: Tensor) -> Tensor:
+        return torch.cat([out[:, :1].detach(), out[:, 1:]], dim=1)
+
+    handles = [
+        module.register_forward_hook(detach_first)
+        for name, module in unet.named_modules()
+        if name.endswith(("attn2.to_k", "attn2.to_v"))
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @register("concept-ablation")
@@ -154,29 +184,30 @@ class ConceptAblation(EraseMethod):
         optimizer = torch.optim.AdamW(trained, lr=config.lr, betas=(0.9, 0.999), weight_decay=config.weight_decay)
         losses: list[float] = []
         bar = tqdm(range(config.steps), desc=self.name, disable=not progress or None)
-        for step in bar:
-            rows = torch.randint(len(x_0), (config.batch_size,), generator=generator)
-            pair = pair_of_image[rows]
-            x_t, noise, t = forward_noise(pipe, x_0[rows.to(x_0.device)], None, generator)
-            if config.objective == "model-based":
-                with torch.no_grad():  # sg[eps_theta(x_t, c_a, t)]: the current model, no gradient
-                    target = pipe.unet(x_t, t, **anchor_prompts[pair].unet_kwargs(), return_dict=False)[0]
-            else:
-                target = noise
-            prediction = pipe.unet(x_t, t, **concept_prompts[pair].unet_kwargs(), return_dict=False)[0]
-            loss = F.mse_loss(prediction.float(), target.float())
-            if not torch.isfinite(loss):
-                raise NonFiniteEditError(
-                    f"Concept Ablation loss became {loss.item()} at step {step}; lower lr (now {config.lr:g}). "
-                    "The pipeline was restored."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
-            optimizer.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4g}")
+        with start_token_detached(pipe.unet):
+            for step in bar:
+                rows = torch.randint(len(x_0), (config.batch_size,), generator=generator)
+                pair = pair_of_image[rows]
+                x_t, noise, t = forward_noise(pipe, x_0[rows.to(x_0.device)], None, generator)
+                if config.objective == "model-based":
+                    with torch.no_grad():  # sg[eps_theta(x_t, c_a, t)]: the current model, no gradient
+                        target = pipe.unet(x_t, t, **anchor_prompts[pair].unet_kwargs(), return_dict=False)[0]
+                else:  # the true noise, or v for v-prediction models (official train.py)
+                    target = denoising_target(pipe, x_0[rows.to(x_0.device)], noise, t)
+                prediction = pipe.unet(x_t, t, **concept_prompts[pair].unet_kwargs(), return_dict=False)[0]
+                loss = F.mse_loss(prediction.float(), target.float())
+                if not torch.isfinite(loss):
+                    raise NonFiniteEditError(
+                        f"Concept Ablation loss became {loss.item()} at step {step}; lower lr (now {config.lr:g}). "
+                        "The pipeline was restored."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
+                optimizer.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4g}")
         optimizer.zero_grad(set_to_none=True)
         return {
             "steps": config.steps,
