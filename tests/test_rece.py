@@ -75,6 +75,17 @@ def test_an_epoch_erases_the_adversarial_embedding_and_keeps_the_preserved_promp
     assert (zog @ delta.T).norm() / (zog @ w0.T).norm() < (pip @ delta.T).norm() / (pip @ w0.T).norm()
 
 
+def test_the_adversarial_rows_come_from_the_concept_word_or_from_every_erase_prompt():
+    pipe = tiny_pipeline("sd1")
+    (concept,) = REQUEST.concepts
+    length = pipe.tokenizer.model_max_length
+    for source, count in (("word", len(concept.concept_words)), ("prompts", len(concept.erase))):
+        edit = get_method("rece", adversarial_source=source, expand="off").apply(pipe, REQUEST, progress=False)
+        assert edit.config["stats"]["epoch_stats"][0]["adversarial_rows"] == length * count, source
+    with pytest.raises(ValueError, match="adversarial_source"):
+        RECEConfig(adversarial_source="images")
+
+
 def test_defaults_follow_the_concept_kind():
     config = RECEConfig()
     style = Concept(name="van gogh", kind="style", erase=("van gogh",))

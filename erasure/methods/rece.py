@@ -5,8 +5,8 @@ embeddings can still produce the concept's original keys and values through the 
 embedding that does, in closed form, and erases it too, for a few epochs:
 
 1. Start from a UCE edit ``W'`` of every cross-attention key and value projection (this config's UCE fields).
-2. Each epoch, for every erase prompt with full-length token embeddings ``c`` (every position the UNet attends to,
-   padding included, as the official code), derive the adversarial embedding (paper Eq. 5, the "regzero" variant
+2. Each epoch, for every concept word with full-length token embeddings ``c`` (every position the UNet attends
+   to, padding included, as the official code), derive the adversarial embedding (paper Eq. 5, the "regzero" variant
    of the official code, :func:`erasure.methods.closed_form.adversarial_embeddings`)::
 
        c' = (sum_l W'_l^T W'_l + lambda_reg I)^-1 (sum_l W'_l^T W_l c)
@@ -25,8 +25,10 @@ kinds takes the largest epoch count; ``lambda_reg`` is per concept.
 
 Two differences from the official pipeline remain: the first edit is this library's UCE at its defaults (the
 official starting checkpoints come from the older UCE script, which edits every token from the last subject word
-through the padding and always preserves the empty prompt), and ``c`` is every erase prompt of the concept (the
-official code erases the bare concept word).
+through the padding and always preserves the empty prompt), and the per-kind defaults above. ``c`` is, as in the
+official code, the bare concept word (each of ``Concept.concept_words``; its anchor the concept's single anchor, or
+the empty prompt for paired anchors); ``adversarial_source = "prompts"`` derives ``c'`` from every erase prompt
+instead, which weighs the erase rows by the number of prompts (77 rows each) against the preserve rows.
 
 The official code keeps the epoch whose validation images a classifier (NudeNet, Q16) finds cleanest. This
 implementation keeps the last epoch and selects with no judge: a judge chosen for selection would also decide the
@@ -64,18 +66,25 @@ class RECEConfig(UCEConfig):
     """RECE settings: the UCE fields configure the initial edit; the rest are RECE's (official defaults)."""
 
     epochs: int | None = field(
-        default=None, metadata={"help": "adversarial epochs (default per concept kind: 2 unsafe, else 1)"}
+        default=None, metadata={"help": "adversarial epochs (default per concept kind: 3 unsafe, else 1)"}
     )
     embedding_regularisation: float | None = field(
         default=None,
-        metadata={"help": "lambda_reg of the adversarial embedding (default per kind: 0.1 unsafe/object, 1e-3 style)"},
+        metadata={"help": "lambda_reg of the adversarial embedding (default per kind: 0.1 unsafe, else 1e-3)"},
     )
     adversarial_erase_scale: float = field(default=1.0, metadata={"help": "weight of the adversarial erase rows"})
     adversarial_preserve_scale: float = field(default=0.1, metadata={"help": "weight of the preserve rows per epoch"})
     adversarial_lam: float = field(default=0.1, metadata={"help": "ridge strength towards the current weights"})
+    adversarial_source: str = field(
+        default="word",
+        metadata={"help": "what c' is derived from: word (the concept's words, as the official code) or prompts "
+                  "(every erase prompt, paired with its anchor)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.adversarial_source not in ("word", "prompts"):
+            raise ValueError(f"adversarial_source must be word or prompts, got {self.adversarial_source!r}.")
         if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 0):
             raise ValueError(f"epochs must be an integer >= 0, got {self.epochs!r}.")
         if self.embedding_regularisation is not None:
@@ -130,11 +139,18 @@ class RECE(UCE):
         epochs = config.epochs_for(request)
         device = next(iter(parameters.values())).device
         original = [originals[key].to(device, torch.float64) for key in parameters]
-        erase_pairs = [
-            (prompt, anchor, config.regularisation_for(concept))
-            for concept in request.concepts
-            for prompt, anchor in zip(concept.erase, concept.erase_anchors, strict=True)
-        ]
+        if config.adversarial_source == "word":  # the official c: the bare concept word, to its anchor word
+            erase_pairs = [
+                (word, concept.anchor if isinstance(concept.anchor, str) else "", config.regularisation_for(concept))
+                for concept in request.concepts
+                for word in concept.concept_words
+            ]
+        else:
+            erase_pairs = [
+                (prompt, anchor, config.regularisation_for(concept))
+                for concept in request.concepts
+                for prompt, anchor in zip(concept.erase, concept.erase_anchors, strict=True)
+            ]
         preserve = list(dict.fromkeys([*request.preserve_prompts, ""]))
         prompts = list(dict.fromkeys([*(p for p, _, _ in erase_pairs), *(a for _, a, _ in erase_pairs), *preserve]))
         embeddings = {key: value.to(device) for key, value in encode_full(pipe, prompts).items()}
