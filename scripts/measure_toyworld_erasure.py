@@ -101,6 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "masks from scripts/render_toyworld_images.py (used by MACE and Forget-Me-Not)",
     )  # fmt: skip
     parser.add_argument(
+        "--save-edits", type=Path, default=None, metavar="DIR",
+        help="also save every edit under DIR/<method>-<concepts> (probe it later with probe_toyworld.py --edit)",
+    )  # fmt: skip
+    parser.add_argument(
         "--together", action="store_true",
         help="erase every --concepts entry in one request (a multi-concept edit), then score each concept on it",
     )  # fmt: skip
@@ -314,7 +318,11 @@ def erase(name: str, overrides: dict[str, Any], pipe: Any, request: EraseRequest
         edit = method.apply(pipe, request, images=images, progress=args.progress, base_model=args.model)
     finally:
         hook.remove()
-    return method, edit, rows | {"erase_seconds": round(time.monotonic() - started, 1)}
+    seconds = round(time.monotonic() - started, 1)
+    if args.save_edits is not None:  # e.g. for scripts/probe_toyworld.py --edit METHOD:CONCEPT=DIR
+        label = "-".join([name.replace("@", "_"), *(c.name for c in request.concepts)])
+        edit.save(args.save_edits / label, overwrite=True)
+    return method, edit, rows | {"erase_seconds": seconds}
 
 
 def score(
