@@ -10,7 +10,9 @@ embedding that brings it back. AdvUnlearn trains against that attacker, as a bi-
       min_delta  || eps_theta(x_t, c (+) delta, t) - eps_theta*(x_t, c, t) ||^2
 
 * **Outer step**: ESD's loss (Eq. 7, ``eta`` 1, guidance 3) evaluated on the adversarial prompt, plus the retain
-  loss on preserve prompts ``c_r`` (the "reg" mode, weight ``gamma`` 0.3, 5 prompts per step)::
+  loss on preserve prompts ``c_r`` (the "reg" mode, weight ``gamma`` 0.3, 5 prompts per step). The anchor ``a`` is
+  the concept's (``Concept.erase_anchors``; a concept file's default is the empty prompt, the official code's only
+  choice)::
 
       L = || eps_theta(x_t, c (+) delta, t) - [eps*(x_t, a) - eta (eps*(x_t, c) - eps*(x_t, a))] ||^2
           + gamma * || eps_theta(x_t, c_r, t) - eps_theta*(x_t, c_r, t) ||^2
