@@ -61,11 +61,32 @@ def generate(
         batch_size: Images per pipeline call.
         height: Image height (default: the pipeline's native size).
         width: Image width (default: the pipeline's native size).
-        progress: Show a progress bar over batches.
+        progress: Show a progress bar over batches; ``False`` also silences the pipeline's own bar of denoising
+            steps for this call.
 
     Returns:
         uint8 array of shape ``(N, H, W, 3)``.
     """
+    with contextlib.nullcontext() if progress else _steps_bar_off(pipe):
+        return _generate(pipe, prompts, seeds, steps, guidance_scale, batch_size, height, width, progress)
+
+
+@contextlib.contextmanager
+def _steps_bar_off(pipe) -> Iterator[None]:
+    """The diffusers pipeline's per-step progress bar off while the block runs, its own setting restored after."""
+    had = hasattr(pipe, "_progress_bar_config")
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**(saved | {"disable": True}))
+    try:
+        yield
+    finally:
+        if had:
+            pipe._progress_bar_config = saved
+        else:
+            del pipe._progress_bar_config
+
+
+def _generate(pipe, prompts, seeds, steps, guidance_scale, batch_size, height, width, progress) -> np.ndarray:
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
     scales = _per_image(guidance_scale, len(prompts))

@@ -97,3 +97,19 @@ def test_empty_and_mixed_size_folders_are_refused(tmp_path):
         read_image_folder(mixed)
     with pytest.raises(ImageFolderError, match="No image folder"):
         read_image_folder(tmp_path / "missing")
+
+
+def test_without_progress_the_pipelines_step_bar_is_off_for_the_call_only():
+    pipe = tiny_pipeline("sd1")
+    pipe.set_progress_bar_config(disable=False, desc="mine")
+    seen = []
+    original = pipe.progress_bar
+
+    def spy(*args, **kwargs):
+        seen.append(dict(pipe._progress_bar_config))
+        return original(*args, **kwargs)
+
+    pipe.progress_bar = spy
+    generate(pipe, ["a red circle"], [0], steps=2, progress=False)
+    assert seen == [{"disable": True, "desc": "mine"}]
+    assert pipe._progress_bar_config == {"disable": False, "desc": "mine"}  # the caller's setting is back
