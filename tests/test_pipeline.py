@@ -123,6 +123,7 @@ def test_load_casts_dtype(tmp_path):
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
 
 
+@pytest.mark.filterwarnings("ignore:Cannot enable progress bars")  # the suite's HF_HUB_DISABLE_PROGRESS_BARS
 def test_load_without_progress_restores_the_libraries_bar_settings(tmp_path):
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
