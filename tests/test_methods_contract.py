@@ -267,3 +267,16 @@ def test_parameter_presets(preset, included, excluded):
     assert all(selected[key] is names[key.removeprefix("unet.")] for key in selected)
     with pytest.raises(ValueError, match="Unknown UNet parameter preset"):
         select_unet_parameters(unet, "everything")
+
+
+def test_the_shared_training_step_refuses_a_non_finite_loss_and_clips():
+    from erasure.methods.base import NonFiniteEditError, optimiser_step
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    settings = {"max_grad_norm": 1.0, "label": "Thing", "lr": 1}
+    with pytest.raises(NonFiniteEditError, match=r"Thing loss became nan at step 4; lower lr \(now 1\)"):
+        optimiser_step(weight.sum() * float("nan"), optimizer, [weight], step=4, **settings)
+    assert torch.equal(weight.detach(), torch.ones(3))  # nothing stepped
+    assert optimiser_step((10 * weight).sum(), optimizer, [weight], step=5, **settings) == 30.0
+    torch.testing.assert_close(weight.detach(), torch.ones(3) - 1 / 3**0.5)  # the gradient (10, 10, 10) clipped to 1

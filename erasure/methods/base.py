@@ -45,6 +45,7 @@ __all__ = [
     "MethodConfig",
     "NonFiniteEditError",
     "images_by_concept",
+    "optimiser_step",
     "pipeline_tokenizers",
     "preset_parameters",
     "select_unet_parameters",
@@ -142,6 +143,34 @@ def images_by_concept(request: EraseRequest, images: Any) -> dict[str, Any]:
 def pipeline_tokenizers(pipe: DiffusionPipeline) -> list[Any]:
     """The pipeline's tokenizers (two for SDXL)."""
     return [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
+
+
+def optimiser_step(
+    loss: Tensor,
+    optimizer: torch.optim.Optimizer,
+    parameters: list[Tensor],
+    *,
+    max_grad_norm: float,
+    label: str,
+    step: int,
+    lr: float,
+) -> float:
+    """One training step of a fine-tuning method: refuse a non-finite loss, backward, clip, step; returns the loss.
+
+    Raises:
+        NonFiniteEditError: ``loss`` is NaN or infinite (the message names ``label``, the step and the lr; the
+            pipeline is restored by :meth:`EraseMethod.apply`).
+    """
+    if not torch.isfinite(loss):
+        raise NonFiniteEditError(
+            f"{label} loss became {loss.item()} at step {step}; lower lr (now {lr:g}). The pipeline was restored."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    return loss.item()
 
 
 @dataclass

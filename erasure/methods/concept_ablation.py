@@ -45,7 +45,7 @@ from erasure.concepts import EraseRequest
 from erasure.diffusion import encode_prompts
 from erasure.generate import generate
 from erasure.methods import register
-from erasure.methods.base import EraseMethod, MethodConfig, NonFiniteEditError, select_unet_parameters
+from erasure.methods.base import EraseMethod, MethodConfig, optimiser_step, select_unet_parameters
 from erasure.sampling import denoising_target, forward_noise, images_to_latents
 
 logger = logging.getLogger(__name__)
@@ -196,17 +196,8 @@ class ConceptAblation(EraseMethod):
                     target = denoising_target(pipe, x_0[rows.to(x_0.device)], noise, t)
                 prediction = pipe.unet(x_t, t, **concept_prompts[pair].unet_kwargs(), return_dict=False)[0]
                 loss = F.mse_loss(prediction.float(), target.float())
-                if not torch.isfinite(loss):
-                    raise NonFiniteEditError(
-                        f"Concept Ablation loss became {loss.item()} at step {step}; lower lr (now {config.lr:g}). "
-                        "The pipeline was restored."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
-                optimizer.step()
-                losses.append(loss.item())
+                losses.append(optimiser_step(loss, optimizer, trained, max_grad_norm=config.max_grad_norm,
+                                             label="Concept Ablation", step=step, lr=config.lr))  # fmt: skip
                 bar.set_postfix(loss=f"{losses[-1]:.4g}")
         optimizer.zero_grad(set_to_none=True)
         return {

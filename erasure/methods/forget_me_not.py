@@ -44,8 +44,8 @@ from erasure.methods import register
 from erasure.methods.base import (
     EraseMethod,
     MethodConfig,
-    NonFiniteEditError,
     images_by_concept,
+    optimiser_step,
     pipeline_tokenizers,
     select_unet_parameters,
 )
@@ -219,17 +219,8 @@ class ForgetMeNot(EraseMethod):
             with record_cross_attention(pipe.unet, recorder):
                 pipe.unet(x_t, t, **conditioning[rows].unet_kwargs(), return_dict=False)
             loss = recorder.sum_of_squares().sqrt()  # || A[..., T(p)] ||_2 over all layers
-            if not torch.isfinite(loss):
-                raise NonFiniteEditError(
-                    f"Forget-Me-Not loss became {loss.item()} at step {step}; lower lr (now {config.lr:g}). "
-                    "The pipeline was restored."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(trained, config.max_grad_norm)
-            optimizer.step()
-            losses.append(loss.item())
+            losses.append(optimiser_step(loss, optimizer, trained, max_grad_norm=config.max_grad_norm,
+                                         label="Forget-Me-Not", step=step, lr=config.lr))  # fmt: skip
             masses.append(recorder.mass().mean().item())
             bar.set_postfix(loss=f"{losses[-1]:.4g}", mass=f"{masses[-1]:.3f}")
         optimizer.zero_grad(set_to_none=True)

@@ -65,7 +65,7 @@ from erasure.expansion import is_toyworld_tokenizer
 from erasure.generate import generate
 from erasure.lora import lora_deltas, lora_hooks
 from erasure.methods import register
-from erasure.methods.base import EraseMethod, MethodConfig, NonFiniteEditError, images_by_concept
+from erasure.methods.base import EraseMethod, MethodConfig, images_by_concept, optimiser_step
 from erasure.methods.closed_form import RidgeSolver
 from erasure.methods.uce import encode_full
 from erasure.pipeline import ModelFamily
@@ -356,13 +356,8 @@ class MACE(EraseMethod):
                 with record_cross_attention(pipe.unet, loss_of):
                     pipe.unet(x_t, t, **data["conditioning"][prompt].unet_kwargs(), return_dict=False)
                 loss = torch.stack(loss_of.norms).sum()  # sum over layers of ||A[region, concept tokens]||_F
-                if not torch.isfinite(loss):
-                    raise NonFiniteEditError(f"MACE's LoRA loss became {loss.item()} at step {step}; lower lr.")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(trained, 1.0)  # the official max_grad_norm
-                optimizer.step()
-                losses.append(loss.item())
+                losses.append(optimiser_step(loss, optimizer, trained, max_grad_norm=1.0,  # the official clipping
+                                             label="MACE's LoRA", step=step, lr=lr))  # fmt: skip
         return {key: delta.to(torch.float64) for key, delta in lora_deltas(factors).items()}, losses
 
     # -- the three stages --------------------------------------------------------------------------------------
