@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from erasure.attacks.base import AttackError
 from erasure.attacks.override import EmbeddingOverride, SlotLayout, check_family, encode_layouts, slot_text
 from erasure.pipeline import execution_device
-from erasure.sampling import denoising_target
+from erasure.sampling import ddim_scheduler, denoising_target
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +209,6 @@ def make_parametrisation(
 
 
 def _abar(pipe: Any) -> Tensor:
-    from erasure.sampling import ddim_scheduler
-
     return ddim_scheduler(pipe).alphas_cumprod
 
 

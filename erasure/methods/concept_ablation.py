@@ -188,12 +188,13 @@ class ConceptAblation(EraseMethod):
             for step in bar:
                 rows = torch.randint(len(x_0), (config.batch_size,), generator=generator)
                 pair = pair_of_image[rows]
-                x_t, noise, t = forward_noise(pipe, x_0[rows.to(x_0.device)], None, generator)
+                x0 = x_0[rows.to(x_0.device)]
+                x_t, noise, t = forward_noise(pipe, x0, None, generator)
                 if config.objective == "model-based":
                     with torch.no_grad():  # sg[eps_theta(x_t, c_a, t)]: the current model, no gradient
                         target = pipe.unet(x_t, t, **anchor_prompts[pair].unet_kwargs(), return_dict=False)[0]
                 else:  # the true noise, or v for v-prediction models (official train.py)
-                    target = denoising_target(pipe, x_0[rows.to(x_0.device)], noise, t)
+                    target = denoising_target(pipe, x0, noise, t)
                 prediction = pipe.unet(x_t, t, **concept_prompts[pair].unet_kwargs(), return_dict=False)[0]
                 loss = F.mse_loss(prediction.float(), target.float())
                 losses.append(optimiser_step(loss, optimizer, trained, max_grad_norm=config.max_grad_norm,
