@@ -19,8 +19,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m erasure demo --out runs/demo --overwrite
 
+# Two workers, one torch thread each (tests/conftest.py): on the 2-core machines this halves the suite's time.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

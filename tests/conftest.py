@@ -21,7 +21,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+# Under pytest-xdist (`make test` runs two workers) each worker gets one thread: the tiny test models gain
+# nothing from a second thread, and two workers x two threads would oversubscribe the two cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
