@@ -94,10 +94,11 @@ def test_one_attack_on_each_kind_of_model_under_test(world, tmp_path, under_test
 def test_a_probe_with_named_attacks_runs_exactly_those(world, tmp_path):
     out = tmp_path / "probe"
     argv = probe_args(world, out, "--edit", str(world["root"] / "run"), "--attacks", "trajectory", "inpaint",
-                      "--set", "trajectory.handoffs=[1]", "--no-likelihood")  # fmt: skip
+                      "--set", "trajectory.handoffs=[1]", "--set", "likelihood.samples=2")  # fmt: skip
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["attacks"]) == ["trajectory", "inpaint"] and summary["suite"] == "custom"
+    assert summary["likelihood"]["samples"] == 2
 
 
 BAD = [
@@ -111,6 +112,7 @@ BAD = [
     (["--edit", "{root}/run", "--set", "paraphrase"], "ATTACK.OPTION=VALUE"),
     (["--edit", "{root}/run", "--set", "trajectory.handoffs=[5]"], "exceed the 2 DDIM steps"),
     (["--edit", "{root}/run", "--attacks", "trajectory", "bogus"], "unknown attack 'bogus'"),
+    (["--edit", "{root}/run", "--set", "likelihood.draws=3"], "unknown likelihood option(s) draws"),
     (["--model2", "{model}"], "nothing to probe"),
     (["--weights", "{root}/missing.safetensors"], "missing.safetensors"),
 ]

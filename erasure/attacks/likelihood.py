@@ -45,11 +45,13 @@ class LikelihoodConfig:
 
     samples: int = field(default=16, metadata={"help": "(t, eps) draws per image, shared by every model"})
     images: int = field(default=16, metadata={"help": "base images per set (concept, neighbours), at most"})
-    seed: int = field(default=0, metadata={"help": "seed of the draws"})
+    seed: int | None = field(default=0, metadata={"help": "seed of the draws (None: the probe's first image seed)"})
 
     def __post_init__(self) -> None:
-        if self.samples < 1 or self.images < 1:
-            raise AttackError("LikelihoodConfig: samples and images must be at least 1.")
+        for name in ("samples", "images"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise AttackError(f"LikelihoodConfig: {name} must be an integer of at least 1, got {value!r}.")
 
 
 def _losses(ctx: AttackContext, which: str, latents: torch.Tensor, prompts: Sequence[str | None], draws) -> np.ndarray:
@@ -105,8 +107,9 @@ def likelihood_gaps(ctx: AttackContext, concept: Concept, config: LikelihoodConf
     targets = evaluation_rows(concept, per_prompt_c, ctx.base_seed)[: config.images]
     as_targets = Concept(name=concept.name, kind=concept.kind, erase=concept.erase, evaluate=concept.evaluate_preserve)
     neighbours = evaluation_rows(as_targets, per_prompt_n, ctx.base_seed)[: config.images]
-    generator = torch.Generator().manual_seed(config.seed)
-    result: dict[str, Any] = {"samples": config.samples, "images": [len(targets), len(neighbours)]}
+    seed = ctx.base_seed if config.seed is None else config.seed
+    generator = torch.Generator().manual_seed(seed)
+    result: dict[str, Any] = {"samples": config.samples, "images": [len(targets), len(neighbours)], "seed": seed}
     changes = {}
     for name, rows in (("concept", targets), ("neighbours", neighbours)):
         latents = images_to_latents(ctx.pipe, ctx.base_images(rows), ctx.size, sample=False)

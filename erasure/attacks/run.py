@@ -21,7 +21,7 @@ from erasure.attacks import ATTACKS, get_attack
 from erasure.attacks.base import AttackError, evaluation_rows
 from erasure.attacks.judges import judge_and_selector, parse_judge_spec
 from erasure.attacks.models import load_probe_models
-from erasure.attacks.suite import SUITES, check_out, run_probe
+from erasure.attacks.suite import SUITES, check_out, likelihood_config, run_probe
 from erasure.concepts import Concept
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ def probe(
         suite: ``quick``, ``standard`` or ``full``.
         attacks: Exactly these attacks instead of a suite.
         preset: Every attack's preset (``toy`` or ``paper``).
-        options: Per-attack options (:func:`parse_settings`); an attack's ``seed`` defaults to ``seed``.
+        options: Per-attack options (:func:`parse_settings`); an attack's ``seed`` defaults to ``seed``;
+            ``likelihood`` holds the likelihood gaps' settings (:func:`~erasure.attacks.suite.run_probe`).
         overwrite: Replace an existing output folder.
         seed: First seed of every held-out prompt's images, and every attack's seed.
         device: Where to run.
@@ -151,6 +152,8 @@ def probe(
         raise AttackError(f"Unknown suite {suite!r}; choose from {', '.join(SUITES)}.")
     chosen = names if names is not None else [name for name in SUITES[suite] if name in ATTACKS]
     options = {name.lower(): dict(values) for name, values in (options or {}).items()}
+    likelihood_options = options.pop("likelihood", None)  # not an attack: the likelihood gaps' settings
+    likelihood_config(likelihood_options, settings.get("likelihood", True))  # bad ones fail here, before loading
     for name in chosen:
         options.setdefault(name, {}).setdefault("seed", int(seed))
     idle = sorted(set(options) - set(chosen))
@@ -179,7 +182,8 @@ def probe(
         }
         return run_probe(
             models.pipe, models.edit, concept, judge_fn, selector_fn, suite, models.reference, out, preset=preset,
-            options=options, attacks=names, allow_selector_as_judge=allow_selector_as_judge, overwrite=overwrite,
+            options=options | ({"likelihood": likelihood_options} if likelihood_options is not None else {}),
+            attacks=names, allow_selector_as_judge=allow_selector_as_judge, overwrite=overwrite,
             base_seed=int(seed), provenance=provenance, **settings,
         )  # fmt: skip
 

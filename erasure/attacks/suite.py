@@ -30,6 +30,7 @@ the probe's ``evaluation_guidance``: :func:`erasure.prompt_sets.load_prompt_csv`
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -96,6 +97,19 @@ def check_out(out: Path | None, overwrite: bool) -> None:
         raise AttackError(f"{out} exists and is not empty; choose another output folder or pass overwrite=True.")
 
 
+def likelihood_config(given: Mapping[str, Any] | None, enabled: bool) -> LikelihoodConfig:
+    """The likelihood-gap settings from ``options["likelihood"]``, checked before any work."""
+    if given is None:
+        return LikelihoodConfig(seed=None)
+    if not enabled:
+        raise AttackError("likelihood options given, but the likelihood gaps are turned off (likelihood=False).")
+    known = {f.name for f in dataclasses.fields(LikelihoodConfig)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise AttackError(f"unknown likelihood option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
+    return LikelihoodConfig(**{"seed": None, **given})
+
+
 def run_probe(
     pipe: Any,
     edit: Any,
@@ -129,7 +143,9 @@ def run_probe(
         reference: A pipeline of the same architecture that never learned the concept (capacity control).
         out: Output folder, written atomically at the end; nothing is written without it.
         preset: Every attack's preset (``toy`` or ``paper``).
-        options: Per-attack config overrides, ``{"noise": {"etas": [1.0]}}``.
+        options: Per-attack config overrides, ``{"noise": {"etas": [1.0]}}``; the key ``likelihood`` holds
+            :class:`~erasure.attacks.likelihood.LikelihoodConfig` fields (``{"likelihood": {"samples": 32}}``; its
+            seed defaults to the images' first seed).
         allow_selector_as_judge: Permit ``selector is judge`` (recorded).
         overwrite: Replace an existing non-empty ``out``.
         provenance: What the models are (paths, kinds), recorded as the summary's ``models``.
@@ -168,6 +184,7 @@ def run_probe(
         for name in sorted(set(SUITES[suite]) - set(names)):
             logger.warning("Suite '%s': attack '%s' is not available; skipped.", suite, name)
     options = dict(options or {})
+    gap_settings = likelihood_config(options.pop("likelihood", None), likelihood)
     unknown = sorted(set(options) - set(ATTACKS))
     if unknown:
         raise AttackError(f"options name unknown attack(s) {', '.join(unknown)}; known: {', '.join(sorted(ATTACKS))}.")
@@ -240,7 +257,7 @@ def run_probe(
     gaps = None
     if likelihood:  # evidence on the mechanism, beside the verdict (it does not decide it)
         with ctx.meter() as likelihood_cost:
-            config = LikelihoodConfig(images=min(LikelihoodConfig.images, len(rows)), seed=ctx.base_seed)
+            config = dataclasses.replace(gap_settings, images=min(gap_settings.images, len(rows)))
             gaps = likelihood_gaps(ctx, concept, config)
         gaps["cost"] = likelihood_cost.summary()
     verdict = decide(

@@ -49,7 +49,8 @@ def _add_common(parser: argparse.ArgumentParser, set_form: str) -> None:
     parser.add_argument("--preset", default="toy", choices=("toy", "paper"), help="attack budgets (default toy)")
     parser.add_argument(
         "--set", dest="settings", action="append", default=[], metavar=set_form,
-        help="an attack option (repeat), e.g. noise.etas=[1.0,1.5]; values are JSON or text",
+        help="an attack option (repeat), e.g. noise.etas=[1.0,1.5]; likelihood.samples=32 sets the likelihood "
+        "gaps' (t, eps) draws per image, likelihood.images their images per set; values are JSON or text",
     )  # fmt: skip
     parser.add_argument("--seeds-per-prompt", type=POSITIVE_INT, default=8, help="images per evaluate prompt (8)")
     parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=0, help="first image seed and attack seed (0)")

@@ -50,10 +50,13 @@ def test_a_suppression_that_changes_no_weight_has_exactly_zero_gaps():
 def test_an_edit_moves_the_losses_and_the_probe_records_them_beside_the_verdict():
     pipe = tiny()
     edit = tiny_edit(pipe, scale=0.5)
+    options = {"trajectory": {"handoffs": (1,)}, "likelihood": {"samples": 3, "images": 100}}
     summary = run_probe(pipe, edit, CONCEPT, brightness_judge, red_selector, attacks=["trajectory"], steps=2,
-                        options={"trajectory": {"handoffs": (1,)}})  # fmt: skip
+                        options=options, images_per_prompt=1, base_seed=5)  # fmt: skip
     assert set(summary["verdict"]["likelihood"]) == {"D_uncond", "D_cond", "pattern"}
     gaps = summary["likelihood"]
+    rows = len(CONCEPT.evaluate)  # images capped at the probe's own rows; the seed is the images' first seed
+    assert gaps["samples"] == 3 and gaps["images"][0] == rows and gaps["seed"] == 5
     assert any(gaps[f"{s}_{c}_loss_change"] != 0 for s in ("concept", "neighbours") for c in ("uncond", "cond"))
     assert summary["likelihood"]["cost"]["unet_forwards"] > 0  # (likelihood=False: tests/test_cli_probe.py)
 
@@ -63,3 +66,21 @@ def test_a_concept_without_neighbour_prompts_is_refused():
     lonely = Concept(name="Pip", kind="character", erase=("pip",), evaluate=("an image of pip",))
     with pytest.raises(AttackError, match="evaluate_preserve"):
         likelihood_gaps(ctx, lonely, SMALL)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"likelihood": {"draws": 3}}, "unknown likelihood option"),
+        ({"likelihood": {"samples": 0}}, "samples must be an integer of at least 1"),
+        ({"likelihood": {"images": "many"}}, "images must be an integer"),
+    ],
+)
+def test_bad_likelihood_options_are_named_before_any_work(options, message, tmp_path):
+    with pytest.raises(AttackError, match=message):
+        run_probe(tiny(), None, CONCEPT, brightness_judge, red_selector, attacks=["trajectory"], options=options,
+                  out=tmp_path / "probe")  # fmt: skip
+    assert not (tmp_path / "probe").exists()
+    with pytest.raises(AttackError, match="likelihood gaps are turned off"):
+        run_probe(tiny(), None, CONCEPT, brightness_judge, red_selector, attacks=["trajectory"],
+                  options={"likelihood": {"samples": 2}}, likelihood=False)  # fmt: skip

@@ -17,7 +17,7 @@ def probe_folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe") / "probe"
     run_probe(
         pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, out=out, attacks=["trajectory"],
-        steps=2, options={"trajectory": {"handoffs": (1,)}},
+        steps=2, options={"trajectory": {"handoffs": (1,)}, "likelihood": {"samples": 2, "images": 2}},
     )  # fmt: skip
     return out
 
