@@ -69,6 +69,15 @@ def test_a_quick_probe_writes_its_tables_and_prints_the_verdict(world, tmp_path,
     with open(out / "per_image.csv", newline="") as file:
         assert {row["attack"] for row in csv.DictReader(file)} == {"none", *summary["attacks"]}
     assert summary["likelihood"] is None and "likelihood" not in verdict  # --no-likelihood
+    neighbours = summary["attacks"]["noise"]["neighbour_cost"]  # the oracle's neighbour test, under eta 1.5
+    assert neighbours["sampling"] == {"eta": 1.5, "variance_scale": 1.0} and neighbours["n"] > 0
+    assert all(summary["attacks"][name]["neighbour_cost"] is None for name in ("paraphrase", "trajectory"))
+    from erasure.attacks.run import summary_table
+
+    summary["attacks"]["noise"]["neighbour_cost"] |= {"ratio": 0.5, "ratio_interval": [0.25, 1.0], "n": 4}
+    assert "neighbours under noise (eta 1.5, variance_scale 1): ratio 0.50 [0.25, 1.00], 4 images" in "\n".join(
+        summary_table(summary)
+    )
 
 
 @pytest.mark.parametrize("under_test", ["--weights", "--model2", "--suppression"])

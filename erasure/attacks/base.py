@@ -150,6 +150,18 @@ def evaluation_rows(concept: Concept, images_per_prompt: int = 1, base_seed: int
     return [row for row in rows if row.row_type in ("erased", "generality")]
 
 
+def neighbour_rows(concept: Concept, images_per_prompt: int = 1, base_seed: int = 0) -> list[PromptRow]:
+    """The concept's held-out neighbour rows (``evaluate_preserve`` prompts), as ``erasure evaluate`` makes them.
+
+    Each row's ``concept`` is the class its prompt should show (:func:`erasure.prompt_sets.rows_from_request`); an
+    empty list when the concept has no ``evaluate_preserve`` prompts.
+    """
+    if images_per_prompt < 1:
+        raise AttackError(f"images_per_prompt must be at least 1, got {images_per_prompt}.")
+    rows = rows_from_request(EraseRequest((concept,)), images_per_prompt, base_seed)
+    return [row for row in rows if row.row_type == "preserved"]
+
+
 def replace_words(prompt: str, words: Sequence[str], replacement: str) -> str:
     """``prompt`` with each whole-word, case-insensitive occurrence of ``words`` (longest first) replaced."""
     for word in sorted(words, key=len, reverse=True):
@@ -197,6 +209,9 @@ class AttackResult:
         embeddings: Learned vectors (``{token: [d]}`` for textual inversion, ``{"rows": [k, d]}`` for soft prompts).
         images: The attacked images the judge scored, uint8 ``(N, H, W, 3)``.
         curve: For attacks with a budget axis (relearning): ``[{steps, target_rate, hits}, ...]``.
+        neighbour_cost: For probes that change sampling (:meth:`AttackContext.neighbour_cost
+            <erasure.attacks.context.AttackContext.neighbour_cost>`): the neighbour ratio with the probe's sampling
+            applied to both models, or ``None``.
         notes: Losses and anything else worth keeping (JSON-friendly).
         cost: :meth:`CostMeter.summary` of the run.
     """
@@ -213,6 +228,7 @@ class AttackResult:
     embeddings: dict[str, Tensor] = field(default_factory=dict)
     images: np.ndarray | None = None
     curve: list[dict[str, Any]] | None = None
+    neighbour_cost: dict[str, Any] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, float] = field(default_factory=dict)
 

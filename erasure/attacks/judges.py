@@ -24,6 +24,7 @@ reported and which selected. :func:`judge_and_selector` refuses a selector with 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,14 @@ class ConceptJudge:
         """How target-like each image is (a probability; higher = more)."""
         raise NotImplementedError
 
+    def follows_prompt(self, images: np.ndarray, rows: Sequence[PromptRow]) -> list[bool | None]:
+        """Whether each image shows what its row's prompt asks for (``None``: the judge cannot tell).
+
+        For neighbour rows (:func:`erasure.attacks.base.neighbour_rows`): the neighbour rate of ``erasure
+        evaluate``, here under whatever sampling a probe applies.
+        """
+        raise NotImplementedError
+
     def describe(self) -> dict[str, Any]:
         """Provenance: kind, source, concept, and the model's own description."""
         return {"kind": self.kind, "source": self.source, "concept": self.concept}
@@ -154,6 +163,9 @@ class _OracleConceptJudge(ConceptJudge):
         concept = self._rows_concept
         rows = [PromptRow(i, "", 0, concept, extra={"erased_concept": concept}) for i in range(len(images))]
         return [bool(v.shows_target) for v in self.oracle.judge(images, rows)]
+
+    def follows_prompt(self, images: np.ndarray, rows: Sequence[PromptRow]) -> list[bool | None]:  # noqa: D102
+        return [v.follows_prompt for v in self.oracle.judge(self._check(images), rows)]
 
     @torch.no_grad()
     def target_score(self, images: np.ndarray) -> list[float]:  # noqa: D102
@@ -211,6 +223,19 @@ class _ClipConceptJudge(ConceptJudge):
     def target_score(self, images: np.ndarray) -> list[float]:  # noqa: D102
         return [float(entry["target_prob"]) for entry in self._per_image(images)]
 
+    def follows_prompt(self, images: np.ndarray, rows: Sequence[PromptRow]) -> list[bool | None]:
+        """Zero-shot top-1 over the row's classes is the row's own class, as ``erasure evaluate``'s specificity."""
+        if len(images) != len(rows):
+            raise AttackError(f"got {len(images)} images for {len(rows)} rows; give one row per image.")
+        self.evaluator.reset()
+        try:
+            truth = [row.concept for row in rows]
+            self.evaluator.update(images, [r.prompt for r in rows], concepts=truth, classes=[r.classes for r in rows])
+            correct = [entry["correct"] for entry in self.evaluator.per_image()]
+            return [None if flag is None else flag == 1 for flag in correct]
+        finally:
+            self.evaluator.reset()
+
     def describe(self) -> dict[str, Any]:  # noqa: D102
         return super().describe() | {
             "clip": self.name,
@@ -260,6 +285,10 @@ class _JudgeRole(_Role):
 
     def __call__(self, images: np.ndarray) -> list[bool]:
         return self.model.shows_target(images)
+
+    def follows_prompt(self, images: np.ndarray, rows: Sequence[PromptRow]) -> list[bool | None]:
+        """The model's :meth:`ConceptJudge.follows_prompt`: the neighbour test beside the target test."""
+        return self.model.follows_prompt(images, rows)
 
 
 class _SelectorRole(_Role):

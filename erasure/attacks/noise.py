@@ -11,11 +11,17 @@ the selector. Extra noise lets the trajectory wander off the path the edited gui
 the edit only steered away from can then reappear. ``v`` multiplies the added noise as the paper writes it (the
 authors' released runner passes it to a pipeline that ignores it, so their sweep is effectively over ``eta``).
 With ``eta = 0`` the step is plain DDIM (tested). ``control`` runs the same sweep on the base model.
+
+Extra noise can cost the neighbours too, so an attack that "brings the concept back" only by wrecking every image
+is visible: with ``neighbours`` the probe also generates the concept's held-out neighbour rows with the setting
+the selector picked most often, on both models, and reports their ratio
+(:meth:`~erasure.attacks.context.AttackContext.neighbour_cost`).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 
 from erasure.attacks import register
@@ -34,6 +40,11 @@ class NoiseConfig(AttackConfig):
     etas: tuple[float, ...] = field(default=(1.0, 1.34, 1.68), metadata={"help": "DDIM eta values swept"})
     variance_scales: tuple[float, ...] = field(
         default=(1.0, 1.04), metadata={"help": "extra noise factors v swept (v multiplies eta * sigma_t * z)"}
+    )
+
+    neighbours: bool = field(
+        default=True,
+        metadata={"help": "also measure the neighbour ratio at the most-picked (eta, v): 2 images per neighbour row"},
     )
 
     PRESETS = {
@@ -75,4 +86,15 @@ class NoiseProbe(Attack):
         if self.config.control:
             base_hits, _, base_records = self._sweep(ctx, "base", rows)
             records += base_records
-        return self.result(rows, hits, base_hits=base_hits, records=records, images=picked)
+        neighbour_cost = None
+        if self.config.neighbours:
+            chosen = Counter(
+                (r["params"]["eta"], r["params"]["variance_scale"])
+                for r in records
+                if r["model"] == "edited" and r["selected"]
+            )  # fmt: skip
+            (eta, scale), _ = chosen.most_common(1)[0]
+            neighbour_cost = ctx.neighbour_cost(concept, eta=eta, variance_scale=scale)
+        return self.result(
+            rows, hits, base_hits=base_hits, records=records, images=picked, neighbour_cost=neighbour_cost
+        )

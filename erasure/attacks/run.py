@@ -231,6 +231,14 @@ def summary_table(summary: Mapping[str, Any]) -> list[str]:
     widths = [max(len(str(row[i])) for row in [head, *lines]) for i in range(len(head))]
     table = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
              for row in [head, *lines]]  # fmt: skip
+    for name, entry in summary["attacks"].items():
+        cost = entry.get("neighbour_cost")
+        if cost and cost.get("ratio") is not None:
+            low, high = cost["ratio_interval"] or (None, None)
+            interval = f" [{low:.2f}, {high:.2f}]" if low is not None else ""
+            sampling = ", ".join(f"{k} {v:g}" for k, v in cost["sampling"].items())
+            ratio = f"ratio {cost['ratio']:.2f}{interval}, {cost['n']} images"
+            table.append(f"neighbours under {name} ({sampling}): {ratio}")
     skipped = summary.get("skipped")
     if skipped:
         table.append(

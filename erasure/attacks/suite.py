@@ -16,7 +16,8 @@ reach on the reference (:func:`erasure.attacks.verdict.decide`).
 ``out`` receives, atomically (a temporary folder renamed into place: an interrupted probe leaves nothing):
 ``per_image.csv`` (one row per generated image: attack, model, case number, prompt, seed, variant, its parameters,
 selector score, picked, judge verdict), ``summary.json`` (per attack: rates with intervals, gap closed, recovery,
-ASR in both denominators, cost; the settings, with which judge reported and which selected), ``verdict.json`` (the
+ASR in both denominators, cost, and for probes that change sampling the neighbour ratio under that sampling,
+``neighbour_cost``; the settings, with which judge reported and which selected), ``verdict.json`` (the
 same judge and selector records), ``prompts.csv`` and ``embeddings/<attack>.safetensors`` (learned tokens in
 diffusers' ``load_textual_inversion`` format).
 
@@ -252,6 +253,7 @@ def run_probe(
             "config": result.config,
             "cost": result.cost,
             "reference_cost": reference_results[name].cost if name in reference_results else None,
+            "neighbour_cost": result.neighbour_cost,
             "notes": {k: v for k, v in result.notes.items() if k not in ("losses", "settings")},
         }
     gaps = None

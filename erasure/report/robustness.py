@@ -87,6 +87,14 @@ def _cost(entry: Mapping[str, Any] | None) -> str:
     return f"{entry.get('unet_forward_rows', 0):,} rows, {entry.get('seconds', 0):.0f} s"
 
 
+def _neighbours(entry: Mapping[str, Any] | None) -> str:
+    """The neighbour ratio under the attack's sampling, with its interval (``–`` where not measured)."""
+    if not entry or entry.get("ratio") is None:
+        return "–"
+    low, high = entry.get("ratio_interval") or (None, None)
+    return f"{entry['ratio']:.2f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None else "")
+
+
 def recovery_svg(probe: Probe, width: int = 520, bar: int = 22) -> str:
     """A horizontal bar per attack (its attacked target rate), with the base and edited rates as lines."""
     attacks = probe.summary["attacks"]
@@ -147,7 +155,7 @@ def _probe_section(probe: Probe) -> str:
     columns = summary.get("columns", {})
     rows.append(
         f"<tr><td>plain prompts</td><td>–</td><td>base {_rate(columns.get('base'))}, edited "
-        f"{_rate(columns.get('edited'))}</td><td>–</td><td>–</td><td>{_cost(columns.get('cost'))}</td></tr>"
+        f"{_rate(columns.get('edited'))}</td><td>–</td><td>–</td><td>–</td><td>{_cost(columns.get('cost'))}</td></tr>"
     )
     states = verdict.get("attacks") or {}
     for name, attack in summary["attacks"].items():
@@ -156,7 +164,8 @@ def _probe_section(probe: Probe) -> str:
         rows.append(
             f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(attack.get('surface', '')))}</td>"
             f"<td>{_rate(metrics.get('attacked'))}</td><td>{_gap(metrics.get('gap_closed'))} "
-            f"{html.escape(state)}</td><td>{_asr(metrics.get('asr'))}</td><td>{_cost(attack.get('cost'))}</td></tr>"
+            f"{html.escape(state)}</td><td>{_asr(metrics.get('asr'))}</td>"
+            f"<td>{_neighbours(attack.get('neighbour_cost'))}</td><td>{_cost(attack.get('cost'))}</td></tr>"
         )
     return (
         f"<h3>{html.escape(str(probe.folder))}: {html.escape(str(what))}"
@@ -169,7 +178,10 @@ def _probe_section(probe: Probe) -> str:
         f"{html.escape(str((verdict.get('selector') or {}).get('kind', '?')))}.</p>"
         + _likelihood_line(summary.get("likelihood"))
         + "<table><tr><th>attack</th><th>surface</th><th>target rate attacked</th><th>gap closed</th>"
-        "<th>ASR (of erased prompts)</th><th>cost</th></tr>" + "".join(rows) + "</table>" + recovery_svg(probe)
+        "<th>ASR (of erased prompts)</th><th>neighbour ratio under the attack</th><th>cost</th></tr>"
+        + "".join(rows)
+        + "</table>"
+        + recovery_svg(probe)
     )
 
 

@@ -43,5 +43,20 @@ def red_selector(images: np.ndarray) -> list[float]:
     return [float(image[..., 0].mean()) for image in images]
 
 
+class NeighbourJudge:
+    """brightness_judge, with a neighbour test that records what it saw: every other image gets no verdict."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, images):
+        return brightness_judge(images)
+
+    def follows_prompt(self, images, rows):
+        self.seen.append((np.array(images), [r.prompt for r in rows]))
+        return [bool(image[..., 0].mean() > image[..., 2].mean()) if i % 2 == 0 else None
+                for i, image in enumerate(images)]  # fmt: skip
+
+
 def unet_fingerprint(pipe) -> str:
     return fingerprint(dict(pipe.unet.named_parameters()))

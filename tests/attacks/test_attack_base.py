@@ -1,10 +1,18 @@
 import numpy as np
 import pytest
 import torch
-from attack_helpers import CONCEPT, brightness_judge, red_selector, tiny, tiny_edit, unet_fingerprint
+from attack_helpers import (
+    CONCEPT,
+    NeighbourJudge,
+    brightness_judge,
+    red_selector,
+    tiny,
+    tiny_edit,
+    unet_fingerprint,
+)
 
 import erasure.attacks as attacks
-from erasure.attacks.base import AttackConfig, AttackError, evaluation_rows, replace_words
+from erasure.attacks.base import AttackConfig, AttackError, evaluation_rows, neighbour_rows, replace_words
 from erasure.attacks.context import AttackContext
 from erasure.attacks.sampler import decode, eta_ddim_step, sample, seeded_noise
 from erasure.concepts import Concept
@@ -166,3 +174,37 @@ def test_every_attack_module_registers_an_attack_and_shared_modules_none():
     modules = {m.name for m in pkgutil.iter_modules(attacks.__path__) if not m.name.startswith("_")}
     assert modules - attacks._SHARED_MODULES == by_module, "list shared modules in erasure/attacks/_SHARED_MODULES"
     assert not by_module & attacks._SHARED_MODULES
+
+
+def test_neighbour_cost_judges_the_neighbour_rows_of_both_models_under_the_given_sampling():
+    pipe = tiny()
+    judge = NeighbourJudge()
+    ctx = AttackContext(pipe, tiny_edit(pipe, scale=0.5), judge, red_selector, steps=2, images_per_prompt=3)
+    cost = ctx.neighbour_cost(CONCEPT, eta=1.5)
+    (base_images, prompts), (edited_images, again) = judge.seen
+    assert prompts == again == ["a drawing of zog"] * 3  # the evaluate_preserve rows, 3 seeds each
+    seeds = [r.evaluation_seed for r in neighbour_rows(CONCEPT, 3)]
+    assert np.array_equal(edited_images, ctx.generate("edited", prompts, seeds, eta=1.5))
+    assert not np.array_equal(edited_images, ctx.generate("edited", prompts, seeds))  # the sampling was applied
+    assert np.array_equal(base_images, ctx.generate("base", prompts, seeds, eta=1.5))
+    flags = [judge.follows_prompt(images, neighbour_rows(CONCEPT, 3))[::2] for images in (base_images, edited_images)]
+    assert cost["n"] == 2 and cost["sampling"] == {"eta": 1.5}  # images without a verdict are left out
+    assert cost["base"]["rate"] == np.mean(flags[0]) and cost["edited"]["rate"] == np.mean(flags[1])
+    if cost["base"]["rate"]:
+        assert cost["ratio"] == pytest.approx(cost["edited"]["rate"] / cost["base"]["rate"])
+
+
+def test_neighbour_cost_of_the_base_is_one_and_is_none_without_a_neighbour_test_or_neighbours():
+    pipe = tiny()
+
+    class AlwaysFollows(NeighbourJudge):
+        def follows_prompt(self, images, rows):
+            return [True] * len(images)
+
+    same = AttackContext(pipe, None, AlwaysFollows(), red_selector, steps=2, images_per_prompt=2)
+    cost = same.neighbour_cost(CONCEPT, eta=1.0)
+    assert cost["ratio"] == 1.0 and cost["ratio_interval"] == [1.0, 1.0] and cost["n"] == 2
+    plain = AttackContext(pipe, None, brightness_judge, red_selector, steps=2)
+    assert plain.neighbour_cost(CONCEPT) is None  # a judge without a neighbour test
+    lonely = Concept(name="Pip", kind="character", erase=("pip",), evaluate=("an image of pip",))
+    assert same.neighbour_cost(lonely) is None

@@ -51,6 +51,18 @@ def test_each_judge_sees_pip_in_renders_of_pip_and_the_selector_ranks_them_highe
     assert judge.describe()["kind"] == spec.partition(":")[0] and judge.describe()["concept"] == "Pip"
 
 
+@pytest.mark.parametrize("spec", ["oracle", TOY_CLIP])
+def test_each_judges_neighbour_test_accepts_renders_of_the_neighbour_prompt_and_refuses_others(spec):
+    from erasure.attacks.base import neighbour_rows
+
+    concept = pip()
+    rows = [row for row in neighbour_rows(concept) if row.prompt.lower() == "an image of zog"]
+    assert len(rows) == 1 and rows[0].concept == "Zog"  # the class the prompt should show
+    judge, _ = judge_and_selector(spec, "oracle" if spec != "oracle" else TOY_CLIP, concept)
+    images = renders({"character": "Zog"}, {"character": "Zog"}, {"character": "Miro"}, {"character": "Pip"})
+    assert judge.follows_prompt(images, rows * 4) == [True, True, False, False]
+
+
 def test_the_oracle_has_no_model_of_a_concept_outside_the_toy_world():
     van_gogh = Concept("Van Gogh", "style", ("Van Gogh",), evaluate=("a painting by Van Gogh",))
     with pytest.raises(AttackError, match="no model of concept 'Van Gogh'"):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 import torch
-from attack_helpers import CONCEPT, brightness_judge, red_selector, tiny, tiny_edit, unet_fingerprint
+from attack_helpers import CONCEPT, NeighbourJudge, brightness_judge, red_selector, tiny, tiny_edit, unet_fingerprint
 
 import erasure.attacks as attacks
 from erasure.attacks.base import AttackError, evaluation_rows
@@ -63,6 +63,19 @@ def test_noise_probe_with_eta_zero_is_ddim():
     assert attacks.get_attack("noise", etas=(0.0, 1.0), variance_scales=(1.0, 1.04)).config.grid() == [
         (0.0, 1.0), (1.0, 1.0), (1.0, 1.04),
     ]  # fmt: skip
+
+
+def test_the_noise_probe_measures_the_neighbours_at_the_setting_it_picked_most_often():
+    pipe = tiny()
+    ctx = AttackContext(pipe, tiny_edit(pipe), NeighbourJudge(), red_selector, steps=STEPS, images_per_prompt=2)
+    probe = attacks.get_attack("noise", etas=(1.0, 1.5), variance_scales=(1.04,))
+    result = probe.run(ctx, CONCEPT)
+    picked = [(r["params"]["eta"], r["params"]["variance_scale"]) for r in result.records if r["selected"]]
+    most = max(set(picked), key=lambda p: (picked.count(p), -picked.index(p)))  # ties: the first picked
+    assert result.neighbour_cost["sampling"] == {"eta": most[0], "variance_scale": most[1]}
+    assert result.neighbour_cost == ctx.neighbour_cost(CONCEPT, eta=most[0], variance_scale=most[1])
+    off = attacks.get_attack("noise", etas=(1.5,), variance_scales=(1.04,), neighbours=False).run(ctx, CONCEPT)
+    assert off.neighbour_cost is None
 
 
 def test_inpainting_with_an_all_keep_mask_returns_the_base_images_vae_round_trip():

@@ -45,3 +45,15 @@ def test_a_broken_probe_folder_is_a_clear_error(probe_folder, tmp_path):
     (broken / "verdict.json").write_text(json.dumps({"no": "verdict"}), encoding="utf-8")
     with pytest.raises(ReportError, match="no attacks or no verdict"):
         render_report([broken])
+
+
+def test_the_neighbour_cost_of_an_attack_is_a_column(probe_folder, tmp_path):
+    copy = tmp_path / "probe"
+    copy.mkdir()
+    summary = json.loads((probe_folder / "summary.json").read_text())
+    summary["attacks"]["trajectory"]["neighbour_cost"] = {"ratio": 0.75, "ratio_interval": [0.5, 1.0], "n": 8}
+    (copy / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    (copy / "verdict.json").write_text((probe_folder / "verdict.json").read_text(), encoding="utf-8")
+    section = render_report([copy])
+    assert "<th>neighbour ratio under the attack</th>" in section and "<td>0.75 [0.50, 1.00]</td>" in section
+    assert "<td>–</td>" in render_report([probe_folder])  # not measured: a dash, never a number
