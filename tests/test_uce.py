@@ -54,6 +54,26 @@ def test_ridge_solver_factors_once_for_many_maps():
     assert solver.solve(w0.float(), targets.float()).dtype == torch.float32
 
 
+@pytest.mark.parametrize("erase_rows", [3, 12])  # fewer rows than d (the low-rank form) and more
+@pytest.mark.parametrize("own_map", [True, False])  # kept rows keep W0's outputs, or another map's
+def test_kept_rows_equal_ordinary_rows_whose_targets_are_the_kept_maps_outputs(erase_rows, own_map):
+    w0, inputs, targets, weights = random_problem(n=erase_rows, d=7, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    kept = torch.randn(9, 7, generator=generator, dtype=torch.float64)
+    kept_weights = torch.rand(9, generator=generator, dtype=torch.float64) + 0.1
+    keeper = w0 if own_map else torch.randn(w0.shape, generator=generator, dtype=torch.float64)
+    solver = RidgeSolver(inputs, weights, 0.3, kept=kept, kept_weights=kept_weights)
+    fast = solver.solve(w0, targets, kept_map=None if own_map else keeper)
+    plain = ridge_solution(
+        w0, torch.cat([inputs, kept]), torch.cat([targets, kept @ keeper.T]), torch.cat([weights, kept_weights]), 0.3
+    )
+    assert torch.allclose(fast, plain, atol=1e-10)
+    with pytest.raises(ValueError, match="kept must be"):
+        RidgeSolver(inputs, kept=kept[:, :3])
+    with pytest.raises(ValueError, match="kept_map has shape"):
+        solver.solve(w0, targets, kept_map=keeper[:2])
+
+
 def test_ridge_solver_limits():
     w0, inputs, targets, _ = random_problem(n=3, d=7)
     with pytest.raises(ValueError, match="singular"):

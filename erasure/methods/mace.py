@@ -182,12 +182,10 @@ def fuse(
     preserve_inputs: Tensor, preserve_weights: Tensor, lam: float,
 ) -> Tensor:  # fmt: skip
     """Stage 3: ``argmin_W sum_i ||E_i W^T - E_i W_i^T||^2 + sum_p w_p ||e_p (W - W0)^T||^2 + lam ||W - W_cfr||^2``."""
-    inputs = torch.cat([*concept_inputs, preserve_inputs])
-    weights = torch.cat([torch.ones(sum(len(e) for e in concept_inputs), dtype=torch.float64), preserve_weights])
-    targets = torch.cat(
-        [e @ w_i.T for e, w_i in zip(concept_inputs, concept_maps, strict=True)] + [preserve_inputs @ w0.T]
-    )
-    return RidgeSolver(inputs, weights, lam).solve(w_cfr, targets)
+    inputs = torch.cat(list(concept_inputs))
+    targets = torch.cat([e @ w_i.T for e, w_i in zip(concept_inputs, concept_maps, strict=True)])
+    solver = RidgeSolver(inputs, None, lam, kept=preserve_inputs, kept_weights=preserve_weights)
+    return solver.solve(w_cfr, targets, kept_map=w0)  # the preserve rows keep W0's outputs, the anchor is W_cfr
 
 
 class _RegionAttentionLoss:
@@ -409,16 +407,11 @@ class MACE(EraseMethod):
             ]
         ).to(torch.float64)
         c_cfr, c_partner = torch.cat(contexts), torch.cat(partners)
-        solver = RidgeSolver(
-            torch.cat([c_cfr, preserve_inputs]),
-            torch.cat([torch.ones(len(c_cfr), dtype=torch.float64), preserve_weights]),
-            config.lam,
-        )
+        solver = RidgeSolver(c_cfr, None, config.lam, kept=preserve_inputs, kept_weights=preserve_weights)
         w0 = {key: p.detach().to(torch.float64) for key, p in parameters.items()}
         with torch.no_grad():
-            for key, parameter in parameters.items():  # stage 1: W_cfr
-                targets = torch.cat([c_partner @ w0[key].T, preserve_inputs @ w0[key].T])
-                parameter.copy_(solver.solve(w0[key], targets).to(parameter.dtype))
+            for key, parameter in parameters.items():  # stage 1: W_cfr (the preserve rows keep W0's outputs)
+                parameter.copy_(solver.solve(w0[key], c_partner @ w0[key].T).to(parameter.dtype))
         w_cfr = {key: p.detach().to(torch.float64) for key, p in parameters.items()}
         if config.lora_steps == 0:
             return {"stages": "cfr", "cfr_rows": len(c_cfr), "preserve_rows": len(preserve_inputs)}

@@ -170,15 +170,12 @@ class RECE(UCE):
                 c_adversarial = torch.cat(adversarial).to(device)
                 c_clean, c_anchor = torch.cat(clean), torch.cat(anchors)
                 before = _relative_residual(current, original, c_adversarial, c_clean)
-                weights = torch.cat(
-                    [
-                        torch.full((len(c_adversarial),), config.adversarial_erase_scale, dtype=torch.float64),
-                        torch.full((len(c_preserve),), config.adversarial_preserve_scale, dtype=torch.float64),
-                    ]
-                )
-                solver = RidgeSolver(torch.cat([c_adversarial, c_preserve]), weights, config.adversarial_lam)
+                solver = RidgeSolver(  # the preserve rows keep W' c_p: kept rows
+                    c_adversarial, config.adversarial_erase_scale, config.adversarial_lam,
+                    kept=c_preserve, kept_weights=config.adversarial_preserve_scale,
+                )  # fmt: skip
                 for parameter, w_current in zip(parameters.values(), current, strict=True):
-                    targets = torch.cat([c_anchor @ w_current.T, c_preserve @ w_current.T])  # W' c_anchor, W' c_p
+                    targets = c_anchor @ w_current.T  # W' c_anchor
                     parameter.copy_(solver.solve(w_current, targets).to(parameter.dtype))
                 after = [parameter.detach().to(torch.float64) for parameter in parameters.values()]
                 epoch_stats.append(

@@ -229,30 +229,27 @@ class UCE(EraseMethod):
                 len(c_erase),
             )
         c_preserve = torch.stack(preserve_inputs) if preserve_inputs else c_erase.new_zeros((0, c_erase.shape[1]))
-        inputs = torch.cat([c_erase, c_preserve])
-        weights = torch.cat(
-            [
-                torch.full((len(c_erase),), self.config.erase_scale, dtype=torch.float64),
-                torch.full((len(c_preserve),), self.config.preserve_scale, dtype=torch.float64),
-            ]
-        )
-        solver = RidgeSolver(inputs.to(next(iter(parameters.values())).device), weights, self.config.lam)
+        device = next(iter(parameters.values())).device
+        solver = RidgeSolver(  # preserve rows keep W0's outputs: kept rows, no targets needed
+            c_erase.to(device), self.config.erase_scale, self.config.lam,
+            kept=c_preserve.to(device), kept_weights=self.config.preserve_scale,
+        )  # fmt: skip
 
         erase_error, preserve_drift = [], []
+        preserve_gram = solver.kept.T @ solver.kept  # ||C_p X^T||_F^2 = tr(X G X^T), without C_p X^T itself
         with torch.no_grad():
             for parameter in parameters.values():
                 w0 = parameter.detach().to(solver.inputs.device, torch.float64)
-                targets = torch.cat([c_anchor.to(w0.device) @ w0.T, c_preserve.to(w0.device) @ w0.T])  # v*, W0 c_j
-                w = solver.solve(w0, targets)
+                v_star = c_anchor.to(w0.device) @ w0.T  # W0 c_anchor
+                w = solver.solve(w0, v_star)
                 parameter.copy_(w.to(parameter.device, parameter.dtype))
-                v_star = targets[: len(c_erase)]
                 erase_error.append(
                     float((c_erase.to(w.device) @ w.T - v_star).norm() / v_star.norm().clamp_min(1e-12))
                 )
                 if len(c_preserve):
-                    kept = targets[len(c_erase) :]
-                    drift = (c_preserve.to(w.device) @ w.T - kept).norm() / kept.norm().clamp_min(1e-12)
-                    preserve_drift.append(float(drift))
+                    delta = w - w0
+                    moved, kept = ((delta @ preserve_gram) * delta).sum(), ((w0 @ preserve_gram) * w0).sum()
+                    preserve_drift.append(float((moved / kept.clamp_min(1e-24)).sqrt()))
         return {
             "edited_projections": len(parameters),
             "erase_rows": len(c_erase),
