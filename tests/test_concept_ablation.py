@@ -65,3 +65,15 @@ def test_parameter_groups_and_the_noise_objective():
 def test_bad_settings_name_the_option(options, message):
     with pytest.raises(ValueError, match=message):
         ConceptAblationConfig(**options)
+
+
+def test_gradient_checkpointing_changes_memory_not_the_edit():
+    edits = [
+        get_method("ca", steps=2, batch_size=2, anchor_images=2, image_steps=1, gradient_checkpointing=on).apply(
+            tiny_pipeline("sd1"), REQUEST
+        )
+        for on in (True, False)
+    ]
+    assert edits[0].deltas.keys() == edits[1].deltas.keys()
+    for key in edits[0].deltas:
+        assert torch.allclose(edits[0].deltas[key], edits[1].deltas[key], atol=1e-7), key

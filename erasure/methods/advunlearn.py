@@ -52,7 +52,13 @@ from erasure.concepts import EraseRequest
 from erasure.diffusion import Conditioning, encode_prompts, predict_noise, unconditional_conditioning
 from erasure.embedding_override import EmbeddingOverride, token_embedding
 from erasure.methods import register
-from erasure.methods.base import EraseMethod, MethodConfig, NonFiniteEditError, preset_parameters
+from erasure.methods.base import (
+    EraseMethod,
+    MethodConfig,
+    NonFiniteEditError,
+    gradient_checkpointing,
+    preset_parameters,
+)
 from erasure.methods.esd import adam_steps_in_backward, esd_target
 from erasure.pipeline import ModelFamily, execution_device
 from erasure.sampling import ddim_trajectory
@@ -82,6 +88,10 @@ class AdvUnlearnConfig(MethodConfig):
     retain_weight: float = field(default=0.3, metadata={"help": "gamma, the weight of the retain loss"})
     retain_batch: int = field(default=5, metadata={"help": "preserve prompts per retain step"})
     resolution: int | None = field(default=None, metadata={"help": "image side of x_t in pixels (default: native)"})
+    gradient_checkpointing: bool = field(
+        default=True,
+        metadata={"help": "recompute UNet activations in the backward pass (about 1/3 of the memory, a little time)"},
+    )
 
     def __post_init__(self) -> None:
         self.lr, self.attack_lr = float(self.lr), float(self.attack_lr)
@@ -245,7 +255,11 @@ class AdvUnlearn(EraseMethod):
         for parameter in trained:
             parameter.requires_grad_(True)
         losses, attack_losses = [], []
-        with EmbeddingOverride(pipe.text_encoder) as override, adam_steps_in_backward(trained, config.lr):
+        with (
+            EmbeddingOverride(pipe.text_encoder) as override,
+            adam_steps_in_backward(trained, config.lr),
+            gradient_checkpointing(pipe.unet, config.gradient_checkpointing),
+        ):
             bar = tqdm(range(config.iterations), desc=self.name, disable=not progress or None)
             for iteration in bar:
                 pick = torch.randint(len(bank["t"]), (1,), generator=generator)  # as ESD's cached sampler draws

@@ -145,6 +145,19 @@ def pipeline_tokenizers(pipe: DiffusionPipeline) -> list[Any]:
     return [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
 
 
+@contextlib.contextmanager
+def gradient_checkpointing(unet: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Turn on the UNet's gradient checkpointing while the block runs (if ``enabled`` and not on already)."""
+    switch = enabled and not unet.is_gradient_checkpointing
+    if switch:
+        unet.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if switch:
+            unet.disable_gradient_checkpointing()
+
+
 def optimiser_step(
     loss: Tensor,
     optimizer: torch.optim.Optimizer,

@@ -83,7 +83,13 @@ from tqdm.auto import tqdm
 from erasure.concepts import EraseRequest
 from erasure.diffusion import Conditioning, encode_prompts, predict_noise, unconditional_conditioning
 from erasure.methods import register
-from erasure.methods.base import EraseMethod, MethodConfig, NonFiniteEditError, select_unet_parameters
+from erasure.methods.base import (
+    EraseMethod,
+    MethodConfig,
+    NonFiniteEditError,
+    gradient_checkpointing,
+    select_unet_parameters,
+)
 from erasure.sampling import ddim_trajectory, partial_ddim
 
 logger = logging.getLogger(__name__)
@@ -271,19 +277,6 @@ def adam_steps_in_backward(parameters: Sequence[torch.nn.Parameter], lr: float) 
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(unet: torch.nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Turn on the UNet's gradient checkpointing while the block runs (if ``enabled`` and not on already)."""
-    switch = enabled and not unet.is_gradient_checkpointing
-    if switch:
-        unet.enable_gradient_checkpointing()
-    try:
-        yield
-    finally:
-        if switch:
-            unet.disable_gradient_checkpointing()
 
 
 def _loss_summary(losses: list[float], points: int = 20) -> dict[str, Any]:
