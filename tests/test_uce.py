@@ -52,6 +52,8 @@ def test_ridge_solver_factors_once_for_many_maps():
         solver.solve(other, other_targets), ridge_solution(other, inputs, other_targets, weights, 0.2), atol=1e-12
     )
     assert solver.solve(w0.float(), targets.float()).dtype == torch.float32
+    identity = torch.eye(7, dtype=torch.float64)
+    assert torch.allclose(solver.gram @ solver.solve_gram(identity), identity, atol=1e-10)  # A^-1, never formed
 
 
 @pytest.mark.parametrize("erase_rows", [3, 12])  # fewer rows than d (the low-rank form) and more

@@ -39,8 +39,9 @@ the rows are the edited maps ``W'_l`` (every key and value projection of every l
     c' = argmin sum_l ||W'_l c' - W_l c||^2 + lam_reg ||c'||^2 = (sum_l W'_l^T W'_l + lam_reg I)^-1 sum_l W'_l^T W_l c,
 
 the embedding that makes the *edited* model's keys and values equal the *original* model's for ``c``
-(:func:`adversarial_embeddings`). Writing the stacked rows of ``W'`` as inputs and ``W c`` as targets, this is
-:meth:`RidgeSolver.solve` with ``W0 = 0``.
+(:func:`adversarial_embeddings`). Its Gram matrix is :class:`RidgeSolver`'s with the stacked rows of ``W'`` as
+inputs, and its right-hand side goes through the ``d x d`` matrix ``sum_l W'_l^T W_l`` rather than the targets
+``W_l c`` of every row (RECE's word embeddings are 77 rows per concept).
 """
 
 from __future__ import annotations
@@ -126,6 +127,12 @@ class RidgeSolver:
         # A^-1 C^T, for the low-rank form of solve() when there are fewer inputs than dimensions
         self._gain = torch.linalg.lu_solve(self._lu, self._pivots, self.inputs.T) if len(self.inputs) < dim else None
 
+    def solve_gram(self, rhs: Tensor) -> Tensor:
+        """``A^-1 rhs`` for a ``[d, k]`` right-hand side (float64), with the factorisation made once."""
+        if rhs.ndim != 2 or rhs.shape[0] != self.inputs.shape[1]:
+            raise ValueError(f"rhs has shape {tuple(rhs.shape)}; expected [{self.inputs.shape[1]}, k].")
+        return torch.linalg.lu_solve(self._lu, self._pivots, rhs.detach().to(self.inputs.device, torch.float64))
+
     def solve(self, w0: Tensor, targets: Tensor, kept_map: Tensor | None = None) -> Tensor:
         """The minimiser ``W`` of ``sum_i w_i ||W c_i - v_i||^2 + sum_j w_j ||(W - M) c_j||^2 + lam ||W - W0||^2``.
 
@@ -208,7 +215,8 @@ def adversarial_embeddings(
     device = _solver_device(rows.device)
     rows = rows.to(device)
     embeddings_64 = embeddings.detach().to(device, torch.float64)
-    targets = torch.cat([w.detach().to(device, torch.float64) @ embeddings_64.T for w in original])  # [sum out, n]
-    solver = RidgeSolver(rows, None, regularisation)
-    zero = torch.zeros(embeddings_64.shape, dtype=torch.float64, device=device)
-    return solver.solve(zero, targets)  # W A = sum_i (W c)_i w'_i^T, row j: c'_j^T A = c_j^T W^T W'
+    solver = RidgeSolver(rows, None, regularisation)  # A = sum_l W'_l^T W'_l + lam_reg I
+    # sum_l W'_l^T W_l c, through the d x d matrix B = sum_l W'_l^T W_l: never the n x sum(out_l) targets W_l c
+    cross = sum(new.detach().to(device, torch.float64).T @ old.detach().to(device, torch.float64)
+                for new, old in zip(edited, original, strict=True))  # fmt: skip
+    return solver.solve_gram(cross @ embeddings_64.T).T  # c' = A^-1 B c, one column per embedding
