@@ -208,11 +208,16 @@ class _ClipConceptJudge(ConceptJudge):
         self.classes, self.anchor = tuple(row.classes), row.anchor
         self.name, self.tag = name, tag
 
-    def _per_image(self, images: np.ndarray) -> list[dict[str, Any]]:
-        n = len(images)
+    def _per_image(self, images: np.ndarray, rows: Sequence[PromptRow] | None = None) -> list[dict[str, Any]]:
+        """The evaluator's per-image scores, against the concept (``rows=None``) or each row's own class."""
+        if rows is None:
+            prompts = truth = [self.concept] * len(images)
+            classes = [self.classes] * len(images)
+        else:
+            prompts, truth, classes = [r.prompt for r in rows], [r.concept for r in rows], [r.classes for r in rows]
         self.evaluator.reset()
         try:
-            self.evaluator.update(images, [self.concept] * n, concepts=[self.concept] * n, classes=[self.classes] * n)
+            self.evaluator.update(images, prompts, concepts=truth, classes=classes)
             return self.evaluator.per_image()
         finally:
             self.evaluator.reset()
@@ -227,14 +232,8 @@ class _ClipConceptJudge(ConceptJudge):
         """Zero-shot top-1 over the row's classes is the row's own class, as ``erasure evaluate``'s specificity."""
         if len(images) != len(rows):
             raise AttackError(f"got {len(images)} images for {len(rows)} rows; give one row per image.")
-        self.evaluator.reset()
-        try:
-            truth = [row.concept for row in rows]
-            self.evaluator.update(images, [r.prompt for r in rows], concepts=truth, classes=[r.classes for r in rows])
-            correct = [entry["correct"] for entry in self.evaluator.per_image()]
-            return [None if flag is None else flag == 1 for flag in correct]
-        finally:
-            self.evaluator.reset()
+        correct = [entry["correct"] for entry in self._per_image(images, rows)]
+        return [None if flag is None else flag == 1 for flag in correct]
 
     def describe(self) -> dict[str, Any]:  # noqa: D102
         return super().describe() | {
