@@ -7,7 +7,8 @@ probe samples the edited side with them) the script erases the concept from the 
 method's registered defaults
 (``--method-set`` overrides config fields; ``--edit METHOD:CONCEPT=DIR`` loads a saved edit instead), then runs
 :func:`erasure.attacks.suite.run_probe` with the suite (``--suite``, default ``quick``) judged by the oracle with the
-toy CLIP as the selector, and with ``--reverse`` also judged by the CLIP with the oracle as the selector. Every
+toy CLIP as the selector, and with ``--reverse`` also judged by the CLIP with the oracle as the selector
+(``--reverse-only``: that pairing alone). Every
 held-out prompt gets enough seeds for about ``--images`` images.
 
 Per method x concept x judge, one table row: target rate base / edited / best attack (the attack with the highest
@@ -80,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--preset", default="toy", choices=("toy", "paper"), help="attack budgets (default toy)")
     parser.add_argument("--reverse", action="store_true", help="also judge with the CLIP, selecting with the oracle")
+    parser.add_argument(
+        "--reverse-only", action="store_true", help="judge only with the CLIP, selecting with the oracle"
+    )
     parser.add_argument("--no-likelihood", action="store_true", help="skip the likelihood gaps beside the verdict")
     parser.add_argument(
         "--always-attack", action="store_true", help="attack even when the plain prompts already say 'not erased'"
@@ -220,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_settings(args.settings)
     for name in args.methods:  # a bad method or option fails before any work
         get_method(name.split("@", 1)[0], **overrides[name])
-    pairings = [(f"oracle:{args.oracle}", f"clip:{args.clip}")]
-    if args.reverse:
+    pairings = [] if args.reverse_only else [(f"oracle:{args.oracle}", f"clip:{args.clip}")]
+    if args.reverse or args.reverse_only:
         pairings.append((f"clip:{args.clip}", f"oracle:{args.oracle}"))
     pipe = load_pipeline(args.model, device=args.device)
     pipe.set_progress_bar_config(disable=True)

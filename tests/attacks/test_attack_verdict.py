@@ -101,20 +101,46 @@ def test_verdict_suppressed_lists_the_surfaces_that_reach_it():
     assert verdict["attacks"]["noise"]["state"] == "recovers" and verdict["attacks"]["paraphrase"]["state"] == "holds"
 
 
+FELL = {"D_uncond": {"value": 0.05, "low": 0.03, "high": 0.07}}  # the concept's unconditional likelihood fell
+
+
+def every_surface(inversion=("embedding", 1)):
+    """Attacks on text, embedding and trajectory that all hold (REMOVAL_SURFACES)."""
+    return {"paraphrase": ("text", 0), "noise": ("trajectory", 1), "inversion": inversion}
+
+
 def test_verdict_removed_with_and_without_a_reference():
-    columns, attacks = table(40, 0, {"paraphrase": ("text", 0), "noise": ("trajectory", 1)})
-    verdict = decide(columns, attacks)
-    assert verdict["verdict"] == "removed" and verdict["caveats"]
+    columns, attacks = table(40, 0, every_surface())
+    verdict = decide(columns, attacks, likelihood=FELL)
+    assert verdict["verdict"] == "removed"
+    assert any("reference" in c for c in verdict["caveats"]) and any("fine-tuning" in c for c in verdict["caveats"])
     # inversion brings it back on the edit, but just as well on a model that never learned it: removed
-    columns, attacks = table(
-        40, 0, {"noise": ("trajectory", 0), "inversion": ("embedding", 30)}, reference={"inversion": 32}
-    )
-    verdict = decide(columns, attacks, reference=True)
-    assert verdict["verdict"] == "removed" and not verdict["caveats"]
+    columns, attacks = table(40, 0, every_surface(("embedding", 30)), reference={"inversion": 32})
+    verdict = decide(columns, attacks, reference=True, likelihood=FELL)
+    assert verdict["verdict"] == "removed" and not any("reference" in c for c in verdict["caveats"])
     assert verdict["attacks"]["inversion"]["state"] == "holds"
     # ... and far better than on the reference: suppressed
     columns, attacks = table(40, 0, {"inversion": ("embedding", 30)}, reference={"inversion": 2})
     assert decide(columns, attacks, reference=True)["verdict"] == "suppressed"
+
+
+def test_a_weight_attack_lifts_the_fine_tuning_caveat():
+    columns, attacks = table(40, 0, every_surface() | {"relearning": ("weights", 0)})
+    verdict = decide(columns, attacks, likelihood=FELL)
+    assert verdict["verdict"] == "removed" and not any("fine-tuning" in c for c in verdict["caveats"])
+
+
+def test_removal_needs_every_surface_tried_and_the_likelihood_measured():
+    from erasure.attacks.verdict import REMOVAL_SURFACES
+
+    for missing in REMOVAL_SURFACES:  # two searches on one surface that both fail show nothing about the others
+        chosen = {name: entry for name, entry in every_surface().items() if entry[0] != missing}
+        columns, attacks = table(40, 0, chosen)
+        verdict = decide(columns, attacks, likelihood=FELL)
+        assert verdict["verdict"] == "inconclusive" and f"the {missing} surface" in verdict["reason"]
+    columns, attacks = table(40, 0, every_surface())
+    verdict = decide(columns, attacks)  # every surface held, but no likelihood gaps
+    assert verdict["verdict"] == "inconclusive" and "likelihood gaps were not measured" in verdict["reason"]
 
 
 def test_verdict_inconclusive_branches():
@@ -139,8 +165,9 @@ def test_removal_needs_the_weights_to_agree():
     verdict = decide(columns, attacks, likelihood=flat)
     assert verdict["verdict"] == "suppressed" and "likelihood evidence" in verdict["reason"]
     # it fell: removed
-    fell = {"D_uncond": {"value": 0.05, "low": 0.03, "high": 0.07}}
-    assert decide(columns, attacks, likelihood=fell)["verdict"] == "removed"
+    columns, attacks = table(40, 0, every_surface())
+    assert decide(columns, attacks, likelihood=FELL)["verdict"] == "removed"
+    assert decide(columns, attacks, likelihood=FELL, generation_time="sld")["verdict"] == "suppressed"
     # a recovering attack decides before the likelihood is consulted
     columns, attacks = table(40, 0, {"noise": ("trajectory", 30)})
-    assert decide(columns, attacks, likelihood=fell)["verdict"] == "suppressed"
+    assert decide(columns, attacks, likelihood=FELL)["verdict"] == "suppressed"
