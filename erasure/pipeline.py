@@ -84,6 +84,7 @@ def load_pipeline(
     *,
     config: str | Path | None = None,
     progress: bool = True,
+    without_vae: bool = False,
     **kwargs: Any,
 ) -> DiffusionPipeline:
     """Load a Stable Diffusion 1.x/2.x or SDXL pipeline, with the safety checker off.
@@ -98,6 +99,10 @@ def load_pipeline(
             model configs) describe the checkpoint. Without it diffusers infers a hub repo, which needs its
             files in the local cache or network access.
         progress: Show diffusers' and transformers' loading bars (``False`` silences them for this call only).
+        without_vae: Leave the VAE unloaded (``pipe.vae`` is ``None``), for work that never samples or decodes an
+            image (a closed-form edit reads only text embeddings and UNet weights). ``pipe.vae_scale_factor`` keeps
+            the checkpoint's own factor (read from a folder's VAE config; diffusers' 8, that of every published SD
+            VAE, for a hub id). Single-file checkpoints hold the VAE in the same file and always load it.
         **kwargs: Passed on to the diffusers loader (for example ``revision`` or ``variant``).
 
     Returns:
@@ -114,8 +119,14 @@ def load_pipeline(
             f"config= only applies to single-file checkpoints, and {source} is not a file: drop config=, or pass "
             "the .safetensors file."
         )
+    vae_factor = None
+    if without_vae and not path.is_file():
+        kwargs = {**kwargs, "vae": None}
+        vae_factor = _folder_vae_factor(path) if path.is_dir() else None
     with _loading_bars(progress):
         pipe = _load(source, path, config, kwargs)
+    if vae_factor is not None:
+        pipe.vae_scale_factor = vae_factor
     _check_all_weights_loaded(pipe, source)
     pipe = _move(pipe, torch.device(device) if device is not None else torch.device("cpu"), dtype or torch.float32)
     family = detect_family(pipe)
@@ -409,6 +420,15 @@ def _load_single_file(path: Path, config: str | Path | None, kwargs: dict[str, A
                 "config=<local diffusers folder of the same architecture> (--model-config on the command line)."
             )
         raise _load_error(path.name, error, advice) from error
+
+
+def _folder_vae_factor(path: Path) -> int | None:
+    """A pipeline folder's VAE downsampling factor, ``2 ** (len(block_out_channels) - 1)`` as diffusers computes it."""
+    try:
+        config = json.loads((path / "vae" / "config.json").read_text(encoding="utf-8"))
+        return 2 ** (len(config["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the loader reports a broken folder in its own words
 
 
 def _check_all_weights_loaded(pipe: DiffusionPipeline, source: str) -> None:

@@ -44,6 +44,25 @@ def run(model, tmp_path_factory):
     return out
 
 
+@pytest.mark.parametrize(("method", "loads_vae"), [("uce", False), ("rece", False), ("esd-x", True)])
+def test_erase_loads_the_vae_only_for_methods_that_sample(method, loads_vae, model, tmp_path, monkeypatch):
+    import erasure.pipeline
+    from erasure.methods import get_method
+
+    loaded = []
+
+    def spy(*args, **kwargs):
+        pipe = load_pipeline(*args, **kwargs)
+        loaded.append(pipe.vae is not None)
+        raise KeyboardInterrupt  # stop before the (slow) erasure: what was loaded is the question here
+
+    monkeypatch.setattr(erasure.pipeline, "load_pipeline", spy)
+    argv = ["erase", method, "--model", str(model), "--prompt", "pip", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert exit_status(argv) == 130  # the CLI's answer to Ctrl-C
+    assert loaded == [loads_vae] and get_method(method).needs_vae is loads_vae
+    assert not (tmp_path / "run").exists()
+
+
 def test_erase_writes_an_edit(run, model):
     edit = Edit.load(run)
     assert edit.config["method"] == "uce"

@@ -118,6 +118,21 @@ def test_load_diffusers_folder_round_trip(family, saved):
     assert torch.equal(loaded.prompt_embeds, expected.prompt_embeds)  # tokenizers survive the round trip
 
 
+def test_load_without_vae_keeps_the_checkpoints_vae_factor_and_the_uce_edit(family, saved):
+    from erasure.concepts import request_from_prompts
+    from erasure.methods import get_method
+
+    full, light = load_pipeline(saved), load_pipeline(saved, without_vae=True)
+    assert light.vae is None and full.vae is not None
+    assert full.vae_scale_factor != 8  # diffusers' guess without a VAE: the test would pass by luck at 8
+    assert light.vae_scale_factor == full.vae_scale_factor
+    assert_same_weights(light, full, names=[name for name in MODULES if name != "vae"])
+    request = request_from_prompts(["a red circle"], name="red circle")
+    edits = [get_method("uce").apply(pipe, request, progress=False) for pipe in (full, light)]
+    assert edits[0].deltas.keys() == edits[1].deltas.keys() and edits[0].deltas
+    assert all(torch.equal(edits[0].deltas[key], edits[1].deltas[key]) for key in edits[0].deltas)
+
+
 def test_load_casts_dtype(tmp_path):
     pipe = load_pipeline(save_tiny_pipeline(tmp_path / "tiny", "sd1"), device="cpu", dtype=torch.bfloat16)
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16

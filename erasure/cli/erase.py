@@ -213,6 +213,7 @@ def _erase(args: argparse.Namespace) -> int:
         dtype=getattr(torch, args.dtype),
         config=args.model_config,
         progress=not args.no_progress,
+        without_vae=not method.needs_vae,
     )
     edit = method.apply(
         pipe, request, images=images, progress=not args.no_progress, base_model=args.base_model_name or str(args.model)

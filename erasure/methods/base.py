@@ -253,6 +253,8 @@ class EraseMethod:
         config_class: The method's :class:`MethodConfig` subclass.
         supported_families: Model families the method handles.
         parameter_preset: Default parameter selection (see :data:`PARAMETER_PRESETS`).
+        needs_vae: Whether the method samples or decodes images; the command line loads the pipeline without its
+            VAE for one that does not (a closed-form edit).
         config: This instance's settings.
     """
 
@@ -262,6 +264,7 @@ class EraseMethod:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     supported_families: ClassVar[tuple[ModelFamily, ...]] = (ModelFamily.SD1, ModelFamily.SD2, ModelFamily.SDXL)
     parameter_preset: ClassVar[str] = "xattn"
+    needs_vae: ClassVar[bool] = True
 
     def __init__(self, config: MethodConfig | None = None) -> None:
         if config is None:
@@ -419,6 +422,7 @@ class GenerationTimeMethod(EraseMethod):
     """
 
     generation_time: ClassVar[bool] = True
+    needs_vae: ClassVar[bool] = False  # apply only records what sampling will do
     edit_class: ClassVar[type[GenerationEdit]] = GenerationEdit
 
     def suppression(self, pipe: DiffusionPipeline, request: EraseRequest) -> dict[str, Any]:

@@ -162,6 +162,7 @@ class UCE(EraseMethod):
 
     config_class = UCEConfig
     parameter_preset = "xattn_kv"
+    needs_vae = False  # closed form on text embeddings and UNet weights: nothing is sampled (RECE inherits it)
     config: UCEConfig
 
     def _rows(
