@@ -8,7 +8,8 @@ method's registered defaults
 (``--method-set`` overrides config fields; ``--edit METHOD:CONCEPT=DIR`` loads a saved edit instead), then runs
 :func:`erasure.attacks.suite.run_probe` with the suite (``--suite``, default ``quick``) judged by the oracle with the
 toy CLIP as the selector, and with ``--reverse`` also judged by the CLIP with the oracle as the selector
-(``--reverse-only``: that pairing alone). Every
+(``--reverse-only``: that pairing alone); ``--witness`` has the selector's model judge every reported image too,
+as a second opinion whose agreement with the judge the summary reports. Every
 held-out prompt gets enough seeds for about ``--images`` images.
 
 Per method x concept x judge, one table row: target rate base / edited / best attack (the attack with the highest
@@ -43,7 +44,7 @@ from typing import Any
 
 import torch
 
-from erasure.attacks.judges import judge_and_selector
+from erasure.attacks.judges import judge_and_selector, load_witness
 from erasure.attacks.run import load_concept, parse_settings
 from erasure.attacks.suite import SUITES, run_probe
 from erasure.concepts import EraseRequest
@@ -84,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--reverse-only", action="store_true", help="judge only with the CLIP, selecting with the oracle"
     )
+    parser.add_argument(
+        "--witness", action="store_true",
+        help="the selector's model also judges every reported image, as a second opinion (agreement reported)",
+    )  # fmt: skip
     parser.add_argument("--no-likelihood", action="store_true", help="skip the likelihood gaps beside the verdict")
     parser.add_argument(
         "--always-attack", action="store_true", help="attack even when the plain prompts already say 'not erased'"
@@ -240,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         reference_path = reference_for(concept.name, args.reference)
         reference = load_pipeline(reference_path, device=args.device) if reference_path else None
         judges = {pair: judge_and_selector(*pair, concept, device=args.device) for pair in pairings}
+        witnesses = {
+            pair: load_witness(pair[1], concept, *judges[pair], device=args.device) if args.witness else None
+            for pair in pairings
+        }
         for method in args.methods:
             started = time.monotonic()
             if (method, concept_name) in edits:
@@ -258,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                     images_per_prompt=per_prompt, base_seed=args.first_seed, batch_size=args.batch_size,
                     provenance={"model": args.model, "method": method, "reference": str(reference_path or "")},
                     likelihood=not args.no_likelihood, attacks=args.attacks,
-                    always_attack=args.always_attack,
+                    always_attack=args.always_attack, witness=witnesses[(judge_spec, selector_spec)],
                 )  # fmt: skip
                 run = {
                     "method": method, "concept": concept.name, "judge": judge_spec.partition(":")[0],

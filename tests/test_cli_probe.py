@@ -110,7 +110,23 @@ def test_a_probe_with_named_attacks_runs_exactly_those(world, tmp_path):
     assert summary["likelihood"]["samples"] == 2
 
 
+def test_a_witness_judges_the_same_images_and_the_table_says_how_often_they_agree(world, tmp_path, capsys):
+    out = tmp_path / "probe"
+    argv = probe_args(world, out, "--edit", str(world["root"] / "run"), "--attacks", "trajectory",
+                      "--set", "trajectory.handoffs=[1]", "--no-likelihood", "--witness", CLIP)  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    witness = summary["attacks"]["trajectory"]["witness"]
+    assert witness["images"] >= 2 and 0 <= witness["agreement"]["rate"] <= 1
+    assert summary["columns"]["witness"]["edited"]["images"] == 2
+    assert summary["settings"]["witness"]["spec"] == CLIP and summary["settings"]["witness"]["kind"] == "clip"
+    assert f"witness on trajectory: agrees on {witness['agreement']['rate']:.0%} of {witness['images']}" in printed
+
+
 BAD = [
+    (["--edit", "{root}/run", "--witness", "oracle"], "the judge's own model"),
+    (["--edit", "{root}/run", "--witness", "human"], "Unknown judge 'human'"),
     (["--edit", "{root}/other-run"], "--edit {root}/other-run"),
     (["--edit", "{root}/run", "--concept", "{root}/no-evaluate.toml"], "no evaluate prompts"),
     (["--edit", "{root}/run", "--judge", "human"], "Unknown judge 'human'"),

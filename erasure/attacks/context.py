@@ -10,7 +10,9 @@ inside a search (best variant, early stop) use ``ctx.selector`` (``images -> lis
 target-like). The two must differ: a search that selects with the judge that then scores it reports "exists a
 variant the judge accepts", inflated by the judge's own false positives (pitfall 1 of UnlearnDiffAtk's and
 WhenAreConceptsErased's code); the context refuses it unless ``allow_selector_as_judge=True``, and the result
-records it. :mod:`erasure.attacks.judges` builds both from the evaluation's judges.
+records it. :mod:`erasure.attacks.judges` builds both from the evaluation's judges. An optional ``witness`` (a
+second judge, e.g. the CLIP beside the oracle) scores every image the judge scores; it decides nothing, and the
+probe reports how often the two agree, image by image.
 
 Every image comes from one sampler (:mod:`erasure.attacks.sampler`) through :meth:`AttackContext.generate` or
 :meth:`AttackContext.sample`, so base, edited and attacked columns differ only by what the attack changed.
@@ -74,6 +76,8 @@ class AttackContext:
             prompt (module docstring); a :class:`~erasure.suppression.GenerationEdit`: the edited side samples with
             it; ``None``: neither.
         negative_prompt: The negative prompt of ``suppression="negative-prompt"`` (the concept's words).
+        witness: A second judge (``images -> list[bool]``) that scores every image the judge scores, for the
+            agreement of the two (:attr:`witness_log`); it never decides a rate or the verdict.
 
     Raises:
         AttackError: If judge or selector is not callable, they are the same without the flag, a setting is out of
@@ -98,9 +102,10 @@ class AttackContext:
         scale: float = 1.0,
         suppression: str | GenerationEdit | None = None,
         negative_prompt: str | None = None,
+        witness: Judge | None = None,
     ) -> None:
-        if not callable(judge) or not callable(selector):
-            raise AttackError("judge and selector must both be callables taking a uint8 (N, H, W, 3) image array.")
+        if not callable(judge) or not callable(selector) or (witness is not None and not callable(witness)):
+            raise AttackError("judge, selector and witness must be callables taking a uint8 (N, H, W, 3) image array.")
         same = same_judge(judge, selector)
         if same and not allow_selector_as_judge:
             raise AttackError(
@@ -126,6 +131,9 @@ class AttackContext:
         self.edit = edit
         self.judge = judge
         self.selector = selector
+        self.witness = witness
+        #: ``(judge verdicts, witness verdicts)`` of every judged batch, in order (only with a witness).
+        self.witness_log: list[tuple[list[bool], list[bool]]] = []
         self.selector_is_judge = same
         self.steps = int(steps)
         self.guidance = float(guidance)
@@ -156,6 +164,7 @@ class AttackContext:
             "judge": describe_callable(self.judge),
             "selector": describe_callable(self.selector),
             "selector_is_judge": self.selector_is_judge,
+            "witness": describe_callable(self.witness) if self.witness is not None else None,
             "sampler": "ddim",
             "suppression": self.suppression,
             "negative_prompt": self.negative_prompt,
@@ -281,11 +290,20 @@ class AttackContext:
     # -- judging -------------------------------------------------------------------------------------------------
 
     def judge_images(self, images: np.ndarray) -> list[bool]:
-        """The judge's verdicts (one bool per image); checks the judge's answer."""
-        verdicts = list(self.judge(images))
+        """The judge's verdicts (one bool per image); checks the judge's answer.
+
+        With a witness, the witness judges the same images too and both answers go to :attr:`witness_log`: a
+        second opinion on every reported image, which decides nothing (the probe reports how often they agree).
+        """
+        verdicts = [bool(v) for v in self.judge(images)]
         if len(verdicts) != len(images):
             raise AttackError(f"The judge returned {len(verdicts)} verdicts for {len(images)} images.")
-        return [bool(v) for v in verdicts]
+        if self.witness is not None:
+            second = [bool(v) for v in self.witness(images)]
+            if len(second) != len(images):
+                raise AttackError(f"The witness returned {len(second)} verdicts for {len(images)} images.")
+            self.witness_log.append((verdicts, second))
+        return verdicts
 
     def neighbour_cost(self, concept: Concept, **sample_kwargs: Any) -> dict[str, Any] | None:
         """The neighbour ratio with a probe's sampling applied to both models: what the probe costs the neighbours.

@@ -382,6 +382,26 @@ _SAME_MESSAGE = (
 )
 
 
+def load_witness(
+    spec: str, concept: Concept, judge: Any, selector: Any, *, default_clip: str | None = None, device: Any = "cpu"
+) -> Any:
+    """A second-opinion judge of ``spec`` (``images -> list[bool]``), to score every image beside ``judge``.
+
+    The selector's model is reused when ``spec`` names it (the CLIP that steers the searches can also say what it
+    sees in the reported images: it still decides nothing).
+
+    Raises:
+        AttackError: On a bad spec, or one that names the judge's own model (a second opinion needs another).
+    """
+    parsed = parse_judge_spec(spec)
+    model = load_concept_judge(parsed, concept, default_clip=default_clip, device=device)
+    if model.source == getattr(judge, "source", None):
+        raise AttackError(f"--witness {spec} is the judge's own model; a second opinion must come from another.")
+    if model.source == getattr(selector, "source", None) and isinstance(selector, _Role):
+        model = selector.model
+    return _JudgeRole(model, parsed.text)
+
+
 def describe_callable(function: Any) -> dict[str, Any]:
     """What a judge or selector callable is, for results: its ``describe()``, else its qualified name."""
     if hasattr(function, "describe"):

@@ -19,7 +19,7 @@ from typing import Any
 
 from erasure.attacks import ATTACKS, get_attack
 from erasure.attacks.base import AttackError, evaluation_rows
-from erasure.attacks.judges import judge_and_selector, parse_judge_spec
+from erasure.attacks.judges import judge_and_selector, load_witness, parse_judge_spec
 from erasure.attacks.models import load_probe_models
 from erasure.attacks.suite import SUITES, check_out, likelihood_config, run_probe
 from erasure.concepts import Concept
@@ -82,6 +82,7 @@ def probe(
     judge: str = "oracle",
     selector: str | None = None,
     allow_selector_as_judge: bool = False,
+    witness: str | None = None,
     edit: str | Path | None = None,
     weights: str | Path | None = None,
     model2: str | Path | None = None,
@@ -108,6 +109,8 @@ def probe(
         judge: Spec of the reporting judge (:mod:`erasure.attacks.judges`).
         selector: Spec of the selector (default: :func:`~erasure.attacks.judges.default_selector`).
         allow_selector_as_judge: Permit selecting with the reporting judge (recorded).
+        witness: Spec of a second judge that scores every image the judge scores; the summary reports how often
+            they agree (:func:`~erasure.attacks.judges.load_witness`).
         edit: An edit folder under test.
         weights: A partial UNet weights file under test.
         model2: A peer's full checkpoint of the same architecture under test.
@@ -164,11 +167,18 @@ def probe(
     for name in options:  # unknown options and budgets of 0 fail here, before any model loads
         get_attack(name, preset, **options[name])
     parse_judge_spec(judge)
+    if witness:
+        parse_judge_spec(witness)
     with output_lock(out):
         judge_fn, selector_fn = judge_and_selector(
             judge, selector, concept, allow_selector_as_judge=allow_selector_as_judge, default_clip=default_clip,
             device=device,
         )  # fmt: skip
+        witness_fn = None
+        if witness:
+            witness_fn = load_witness(
+                witness, concept, judge_fn, selector_fn, default_clip=default_clip, device=device
+            )
         models = load_probe_models(
             model, edit=edit, weights=weights, model2=model2, reference=reference, model_config=model_config,
             device=device, require_fingerprint=require_fingerprint,
@@ -184,7 +194,7 @@ def probe(
             models.pipe, models.edit, concept, judge_fn, selector_fn, suite, models.reference, out, preset=preset,
             options=options | ({"likelihood": likelihood_options} if likelihood_options is not None else {}),
             attacks=names, allow_selector_as_judge=allow_selector_as_judge, overwrite=overwrite,
-            base_seed=int(seed), provenance=provenance, **settings,
+            base_seed=int(seed), provenance=provenance, witness=witness_fn, **settings,
         )  # fmt: skip
 
 
@@ -239,6 +249,15 @@ def summary_table(summary: Mapping[str, Any]) -> list[str]:
             sampling = ", ".join(f"{k} {v:g}" for k, v in cost["sampling"].items())
             ratio = f"ratio {cost['ratio']:.2f}{interval}, {cost['n']} images"
             table.append(f"neighbours under {name} ({sampling}): {ratio}")
+    witnessed = [("plain prompts, edited", columns.get("witness", {}) and columns["witness"]["edited"])]
+    witnessed += [(name, entry.get("witness")) for name, entry in summary["attacks"].items()]
+    for name, agreement in witnessed:
+        if agreement:
+            judge_rate, witness_rate = agreement["judge_rate"]["rate"], agreement["witness_rate"]["rate"]
+            table.append(
+                f"witness on {name}: agrees on {agreement['agreement']['rate']:.0%} of {agreement['images']} images "
+                f"(target: judge {judge_rate:.0%}, witness {witness_rate:.0%})"
+            )
     skipped = summary.get("skipped")
     if skipped:
         table.append(

@@ -45,7 +45,7 @@ from erasure.attacks.base import AttackError, AttackResult, evaluation_rows
 from erasure.attacks.context import AttackContext
 from erasure.attacks.likelihood import LikelihoodConfig, likelihood_gaps
 from erasure.attacks.override import save_learned_embeds
-from erasure.attacks.verdict import attack_metrics, decide, plain_verdict, rate_interval
+from erasure.attacks.verdict import attack_metrics, decide, judge_agreement, plain_verdict, rate_interval
 from erasure.concepts import Concept
 from erasure.files import atomic_path
 from erasure.prompt_sets import save_prompt_csv
@@ -129,6 +129,7 @@ def run_probe(
     provenance: Mapping[str, Any] | None = None,
     likelihood: bool = True,
     always_attack: bool = False,
+    witness: Any = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """Run the suite's attacks on ``edit`` and return the summary (verdict included); write it to ``out``.
@@ -152,6 +153,9 @@ def run_probe(
         provenance: What the models are (paths, kinds), recorded as the summary's ``models``.
         likelihood: Also measure the likelihood gaps (:mod:`erasure.attacks.likelihood`): evidence on whether the
             edit lowered the concept's unconditional likelihood, recorded beside the verdict (``likelihood``).
+        witness: A second judge (``images -> list[bool]``) that scores every image the judge scores (the columns
+            and each attack's reported images, not the reference's); the summary's ``witness`` entries say how
+            often the two agree (:func:`~erasure.attacks.verdict.judge_agreement`). It decides nothing.
         always_attack: Run the attacks (and the likelihood gaps) even when the plain prompts alone say "not erased"
             (:func:`~erasure.attacks.verdict.plain_verdict`: the edited model still shows the concept, which no
             attack can change). Without it they are skipped, and the summary's ``skipped`` says which and why.
@@ -197,7 +201,9 @@ def run_probe(
     chosen = {name: get_attack(name, preset, **options.get(name, {})) for name in names}  # bad options fail here
     if isinstance(settings.get("suppression"), str) and not settings.get("negative_prompt"):
         settings["negative_prompt"] = ", ".join(concept.concept_words)
-    ctx = AttackContext(pipe, edit, judge, selector, allow_selector_as_judge=allow_selector_as_judge, **settings)
+    ctx = AttackContext(
+        pipe, edit, judge, selector, allow_selector_as_judge=allow_selector_as_judge, witness=witness, **settings
+    )
     reference_ctx = None
     if reference is not None:
         plain = {k: v for k, v in settings.items() if k not in ("suppression", "negative_prompt")}
@@ -213,6 +219,9 @@ def run_probe(
     with ctx.meter() as columns_cost:
         base_hits = ctx.judge_images(ctx.base_images(rows))
         edited_hits = ctx.judge_images(ctx.generate("edited", prompts, seeds))
+    column_witness = None
+    if witness is not None:  # the log's first two entries: the base column, then the edited one
+        column_witness = {name: judge_agreement(*ctx.witness_log[i]) for i, name in enumerate(("base", "edited"))}
     records = _column_records("none", "base", rows, prompts, base_hits)
     records += _column_records("none", "edited", rows, prompts, edited_hits)
     skipped = None
@@ -230,9 +239,16 @@ def run_probe(
         chosen, likelihood = {}, False
     results: dict[str, AttackResult] = {}
     reference_results: dict[str, AttackResult] = {}
+    attack_witness: dict[str, Any] = {}
     for name, attack in chosen.items():
         logger.info("Probe: running %s (%s).", name, attack.surface)
+        mark = len(ctx.witness_log)
         results[name] = attack.run(ctx, concept)
+        if witness is not None:  # every image the attack had judged, its reported columns
+            judged = ctx.witness_log[mark:]
+            attack_witness[name] = judge_agreement(
+                [v for first, _ in judged for v in first], [v for _, second in judged for v in second]
+            )
         records += results[name].records
         if reference_ctx is not None and attack.surface in REFERENCE_SURFACES:
             reference_results[name] = attack.run(reference_ctx, concept)
@@ -254,6 +270,7 @@ def run_probe(
             "cost": result.cost,
             "reference_cost": reference_results[name].cost if name in reference_results else None,
             "neighbour_cost": result.neighbour_cost,
+            "witness": attack_witness.get(name),
             "notes": {k: v for k, v in result.notes.items() if k not in ("losses", "settings")},
         }
     gaps = None
@@ -291,6 +308,7 @@ def run_probe(
             "base": rate_interval(base_hits),
             "edited": rate_interval(edited_hits),
             "cost": columns_cost.summary(),
+            "witness": column_witness,
         },
         "attacks": summary_attacks,
         "likelihood": gaps,

@@ -69,6 +69,7 @@ __all__ = [
     "attack_metrics",
     "decide",
     "gap_closed",
+    "judge_agreement",
     "plain_verdict",
     "rate_interval",
 ]
@@ -93,6 +94,33 @@ def rate_interval(
         return {"rate": None, "low": None, "high": None, "n": 0}
     low, high = bootstrap_interval(hits, level, draws, seed)
     return {"rate": float(np.mean(np.asarray(hits, dtype=float))), "low": low, "high": high, "n": len(hits)}
+
+
+def judge_agreement(
+    judge: Sequence[bool], witness: Sequence[bool], level: float = LEVEL, draws: int = DRAWS, seed: int = SEED
+) -> dict[str, Any]:
+    """How often a second judge (the witness) agrees with the reporting judge on the same images.
+
+    Returns:
+        ``{images, agreement, judge_rate, witness_rate, judge_only, witness_only}``: the fraction of images on which
+        the two agree, each one's target rate (with its interval, :func:`rate_interval`), and the counts each alone
+        calls the target. Two judges of one truth should agree; a rate that only one of them sees is a property of
+        that judge, not of the model.
+
+    Raises:
+        ValueError: If the lists differ in length.
+    """
+    if len(judge) != len(witness):
+        raise ValueError("judge_agreement needs one verdict of each judge per image.")
+    first, second = np.asarray(judge, dtype=bool), np.asarray(witness, dtype=bool)
+    return {
+        "images": len(first),
+        "agreement": rate_interval((first == second).tolist(), level, draws, seed),
+        "judge_rate": rate_interval(first.tolist(), level, draws, seed),
+        "witness_rate": rate_interval(second.tolist(), level, draws, seed),
+        "judge_only": int((first & ~second).sum()),
+        "witness_only": int((second & ~first).sum()),
+    }
 
 
 def _gap(base: np.ndarray, edited: np.ndarray, attacked: np.ndarray, base_attacked: np.ndarray | None) -> np.ndarray:

@@ -45,6 +45,11 @@ def _add_common(parser: argparse.ArgumentParser, set_form: str) -> None:
         "--allow-selector-as-judge", action="store_true",
         help="let searches select with the reporting judge (inflates success by its false positives; recorded)",
     )  # fmt: skip
+    parser.add_argument(
+        "--witness", metavar="JUDGE",
+        help="a second judge (e.g. clip beside the oracle) that scores every image the judge scores; the summary "
+        "says how often they agree, image by image; it decides nothing",
+    )  # fmt: skip
     parser.add_argument("--reference", metavar="M", help="a model that never learned the concept (capacity control)")
     parser.add_argument("--preset", default="toy", choices=("toy", "paper"), help="attack budgets (default toy)")
     parser.add_argument(
@@ -75,8 +80,9 @@ def _probe(args: argparse.Namespace, suite: str, attacks: list[str] | None, sett
 
     summary = probe(
         model=args.model, concept=args.concept, out=args.out, judge=args.judge, selector=args.selector,
-        allow_selector_as_judge=args.allow_selector_as_judge, edit=args.edit, weights=args.weights,
-        model2=args.model2, suppression=args.suppression, reference=args.reference, suite=suite, attacks=attacks,
+        allow_selector_as_judge=args.allow_selector_as_judge, witness=args.witness, edit=args.edit,
+        weights=args.weights, model2=args.model2, suppression=args.suppression, reference=args.reference,
+        suite=suite, attacks=attacks,
         preset=args.preset, options=settings, overwrite=args.overwrite, seed=args.seed,
         device=device_name(args.device), model_config=args.model_config, default_clip=_default_clip(args.model),
         require_fingerprint=not args.no_base_check, steps=args.steps, guidance=args.guidance,

@@ -124,3 +124,35 @@ def test_with_a_reference_the_inpainting_probe_measures_the_reference_on_the_sam
         pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, attacks=["inpaint"], steps=2, likelihood=False
     )
     assert alone["attacks"]["inpaint"]["metrics"]["reference_attacked"] is None
+
+
+def darkness_judge(images):
+    """The brightness judge's opposite: it disagrees on every image."""
+    return [not verdict for verdict in brightness_judge(images)]
+
+
+def test_a_witness_scores_every_reported_image_and_decides_nothing():
+    pipe = tiny()
+    edit = tiny_edit(pipe)
+    settings = {
+        "attacks": ["paraphrase", "trajectory"], "steps": 2, "images_per_prompt": 2, "likelihood": False,
+        "options": {"paraphrase": OPTIONS["paraphrase"], "trajectory": OPTIONS["trajectory"]},
+    }  # fmt: skip
+    alone = run_probe(pipe, edit, CONCEPT, brightness_judge, red_selector, **settings)
+    same = run_probe(pipe, edit, CONCEPT, brightness_judge, red_selector, witness=brightness_judge, **settings)
+    opposite = run_probe(pipe, edit, CONCEPT, brightness_judge, red_selector, witness=darkness_judge, **settings)
+    for summary in (same, opposite):  # the witness changes no rate and no verdict
+        assert summary["verdict"]["verdict"] == alone["verdict"]["verdict"]
+        for name in alone["attacks"]:
+            assert summary["attacks"][name]["metrics"] == alone["attacks"][name]["metrics"]
+    assert alone["columns"]["witness"] is None and alone["attacks"]["trajectory"]["witness"] is None
+    rows = len(evaluation_rows(CONCEPT, 2))
+    for name in ("paraphrase", "trajectory"):
+        agrees, disagrees = same["attacks"][name]["witness"], opposite["attacks"][name]["witness"]
+        assert agrees["images"] == disagrees["images"] >= rows  # at least the attacked column of every row
+        assert agrees["agreement"]["rate"] == 1.0 and disagrees["agreement"]["rate"] == 0.0
+        assert disagrees["judge_only"] + disagrees["witness_only"] == disagrees["images"]
+    edited = opposite["columns"]["witness"]["edited"]
+    assert edited["images"] == rows and edited["judge_rate"]["rate"] == alone["columns"]["edited"]["rate"]
+    assert edited["witness_rate"]["rate"] == 1 - alone["columns"]["edited"]["rate"]
+    assert same["settings"]["witness"] == {"callable": "attack_helpers.brightness_judge"}

@@ -171,3 +171,15 @@ def test_removal_needs_the_weights_to_agree():
     # a recovering attack decides before the likelihood is consulted
     columns, attacks = table(40, 0, {"noise": ("trajectory", 30)})
     assert decide(columns, attacks, likelihood=FELL)["verdict"] == "suppressed"
+
+
+def test_judge_agreement_counts_each_side():
+    from erasure.attacks.verdict import judge_agreement
+
+    judge, witness = [True, True, False, False, True], [True, False, False, True, True]
+    result = judge_agreement(judge, witness)
+    assert result["images"] == 5 and result["agreement"]["rate"] == pytest.approx(3 / 5)
+    assert result["judge_only"] == 1 and result["witness_only"] == 1
+    assert result["judge_rate"] == rate_interval(judge) and result["witness_rate"] == rate_interval(witness)
+    with pytest.raises(ValueError, match="one verdict of each judge"):
+        judge_agreement(judge, witness[:2])
