@@ -95,6 +95,14 @@ def _neighbours(entry: Mapping[str, Any] | None) -> str:
     return f"{entry['ratio']:.2f}" + (f" [{low:.2f}, {high:.2f}]" if low is not None else "")
 
 
+def _witness(entry: Mapping[str, Any] | None) -> str:
+    """How often the second judge agreed with the judge, and the target rate it saw (``–`` without a witness)."""
+    if not entry or not entry.get("images"):
+        return "–"
+    agreement, seen = entry["agreement"]["rate"], entry["witness_rate"]["rate"]
+    return f"agrees on {agreement:.0%} of {entry['images']}; sees the target in {seen:.0%}"
+
+
 def recovery_svg(probe: Probe, width: int = 520, bar: int = 22) -> str:
     """A horizontal bar per attack (its attacked target rate), with the base and edited rates as lines."""
     attacks = probe.summary["attacks"]
@@ -153,9 +161,15 @@ def _probe_section(probe: Probe) -> str:
     suppression = verdict.get("suppression")
     rows = []
     columns = summary.get("columns", {})
+    witnessed = bool((summary.get("settings") or {}).get("witness"))
+
+    def witness_cell(entry: Mapping[str, Any] | None) -> str:
+        return f"<td>{html.escape(_witness(entry))}</td>" if witnessed else ""
+
     rows.append(
         f"<tr><td>plain prompts</td><td>–</td><td>base {_rate(columns.get('base'))}, edited "
-        f"{_rate(columns.get('edited'))}</td><td>–</td><td>–</td><td>–</td><td>{_cost(columns.get('cost'))}</td></tr>"
+        f"{_rate(columns.get('edited'))}</td><td>–</td><td>–</td><td>–</td>"
+        f"{witness_cell((columns.get('witness') or {}).get('edited'))}<td>{_cost(columns.get('cost'))}</td></tr>"
     )
     states = verdict.get("attacks") or {}
     for name, attack in summary["attacks"].items():
@@ -165,7 +179,8 @@ def _probe_section(probe: Probe) -> str:
             f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(attack.get('surface', '')))}</td>"
             f"<td>{_rate(metrics.get('attacked'))}</td><td>{_gap(metrics.get('gap_closed'))} "
             f"{html.escape(state)}</td><td>{_asr(metrics.get('asr'))}</td>"
-            f"<td>{_neighbours(attack.get('neighbour_cost'))}</td><td>{_cost(attack.get('cost'))}</td></tr>"
+            f"<td>{_neighbours(attack.get('neighbour_cost'))}</td>{witness_cell(attack.get('witness'))}"
+            f"<td>{_cost(attack.get('cost'))}</td></tr>"
         )
     return (
         f"<h3>{html.escape(str(probe.folder))}: {html.escape(str(what))}"
@@ -178,7 +193,9 @@ def _probe_section(probe: Probe) -> str:
         f"{html.escape(str((verdict.get('selector') or {}).get('kind', '?')))}.</p>"
         + _likelihood_line(summary.get("likelihood"))
         + "<table><tr><th>attack</th><th>surface</th><th>target rate attacked</th><th>gap closed</th>"
-        "<th>ASR (of erased prompts)</th><th>neighbour ratio under the attack</th><th>cost</th></tr>"
+        "<th>ASR (of erased prompts)</th><th>neighbour ratio under the attack</th>"
+        + ("<th>second judge (witness)</th>" if witnessed else "")
+        + "<th>cost</th></tr>"
         + "".join(rows)
         + "</table>"
         + recovery_svg(probe)

@@ -57,3 +57,19 @@ def test_the_neighbour_cost_of_an_attack_is_a_column(probe_folder, tmp_path):
     section = render_report([copy])
     assert "<th>neighbour ratio under the attack</th>" in section and "<td>0.75 [0.50, 1.00]</td>" in section
     assert "<td>–</td>" in render_report([probe_folder])  # not measured: a dash, never a number
+
+
+def test_a_witness_adds_its_agreement_column(probe_folder, tmp_path):
+    from erasure.attacks.verdict import judge_agreement
+
+    copy = tmp_path / "probe"
+    copy.mkdir()
+    summary = json.loads((probe_folder / "summary.json").read_text())
+    summary["settings"]["witness"] = {"role": "judge", "spec": "clip"}
+    summary["attacks"]["trajectory"]["witness"] = judge_agreement([True, False, True, True], [True, True, False, True])
+    (copy / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    (copy / "verdict.json").write_text((probe_folder / "verdict.json").read_text(), encoding="utf-8")
+    section = render_report([copy])
+    assert "<th>second judge (witness)</th>" in section
+    assert "<td>agrees on 50% of 4; sees the target in 75%</td>" in section
+    assert "second judge" not in render_report([probe_folder])  # no witness: no column
