@@ -78,6 +78,10 @@ class AttackContext:
         negative_prompt: The negative prompt of ``suppression="negative-prompt"`` (the concept's words).
         witness: A second judge (``images -> list[bool]``) that scores every image the judge scores, for the
             agreement of the two (:attr:`witness_log`); it never decides a rate or the verdict.
+        base_images_from: The context whose base model makes this one's concept images (:meth:`base_images`).
+            A reference model that never learned the concept is attacked with the images of the model that did:
+            textual inversion or fine-tuning on the reference's own images of "Pip", which show no Pip, would
+            teach it nothing and make the control trivially pass.
 
     Raises:
         AttackError: If judge or selector is not callable, they are the same without the flag, a setting is out of
@@ -103,6 +107,7 @@ class AttackContext:
         suppression: str | GenerationEdit | None = None,
         negative_prompt: str | None = None,
         witness: Judge | None = None,
+        base_images_from: AttackContext | None = None,
     ) -> None:
         if not callable(judge) or not callable(selector) or (witness is not None and not callable(witness)):
             raise AttackError("judge, selector and witness must be callables taking a uint8 (N, H, W, 3) image array.")
@@ -149,6 +154,7 @@ class AttackContext:
         )
         self._state = "base"
         self._base_cache: dict[tuple[str, int], np.ndarray] = {}
+        self._base_images_from = base_images_from
         #: A context over a model that never learned the concept, when the probe has one (set by ``run_probe``).
         self.reference: AttackContext | None = None
 
@@ -278,7 +284,12 @@ class AttackContext:
         return np.concatenate(images)
 
     def base_images(self, rows: Sequence[PromptRow]) -> np.ndarray:
-        """The base model's images of ``rows`` (prompt, seed), generated once per context and cached."""
+        """The base model's images of ``rows`` (prompt, seed), generated once per context and cached.
+
+        With ``base_images_from``, that context's base model makes them (the same images, from its cache).
+        """
+        if self._base_images_from is not None:
+            return self._base_images_from.base_images(rows)
         missing = [row for row in rows if (row.prompt, row.evaluation_seed) not in self._base_cache]
         missing = list({(r.prompt, r.evaluation_seed): r for r in missing}.values())
         if missing:

@@ -207,8 +207,14 @@ def run_probe(
     reference_ctx = None
     if reference is not None:
         plain = {k: v for k, v in settings.items() if k not in ("suppression", "negative_prompt")}
-        reference_ctx = AttackContext(
-            reference, None, judge, selector, allow_selector_as_judge=allow_selector_as_judge, **plain
+        reference_ctx = AttackContext(  # attacked with the base model's concept images, as the edit is
+            reference,
+            None,
+            judge,
+            selector,
+            allow_selector_as_judge=allow_selector_as_judge,
+            base_images_from=ctx,
+            **plain,
         )
     ctx.reference = reference_ctx  # probes that run the reference themselves (inpainting) find it here
     rows = evaluation_rows(concept, ctx.images_per_prompt, ctx.base_seed)

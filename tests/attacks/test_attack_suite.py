@@ -1,6 +1,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 from attack_helpers import CONCEPT, brightness_judge, red_selector, tiny, tiny_edit, unet_fingerprint
 
@@ -156,3 +157,33 @@ def test_a_witness_scores_every_reported_image_and_decides_nothing():
     assert edited["images"] == rows and edited["judge_rate"]["rate"] == alone["columns"]["edited"]["rate"]
     assert edited["witness_rate"]["rate"] == 1 - alone["columns"]["edited"]["rate"]
     assert same["settings"]["witness"] == {"callable": "attack_helpers.brightness_judge"}
+
+
+def test_the_reference_is_taught_with_the_base_models_concept_images(monkeypatch):
+    """Inversion and relearning train on images of the concept; a reference that never learned it must get the same
+    images as the edit (the base model's), not its own, which would show no concept and teach it nothing."""
+    import erasure.attacks.inversion as inversion
+    from erasure.attacks.context import AttackContext
+    from erasure.testing import tiny_pipeline
+
+    pipe, reference = tiny(), tiny_pipeline("sd1", seed=1)
+    seen = []
+    real = inversion.images_to_latents
+
+    def spy(target_pipe, images, *args, **kwargs):
+        seen.append((target_pipe, images.copy()))
+        return real(target_pipe, images, *args, **kwargs)
+
+    monkeypatch.setattr(inversion, "images_to_latents", spy)
+    run_probe(
+        pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, reference=reference, attacks=["inversion"],
+        options={"inversion": {"steps": 2, "images": 2, "batch_size": 2}}, steps=2, likelihood=False,
+    )  # fmt: skip
+    (edit_pipe, edit_images), (reference_pipe, reference_images) = seen
+    assert edit_pipe is pipe and reference_pipe is reference
+    np.testing.assert_array_equal(reference_images, edit_images)
+    rows = evaluation_rows(CONCEPT, 1)  # the two models' own images differ, so the test can tell them apart
+    own, base = (
+        AttackContext(p, None, brightness_judge, red_selector, steps=2).base_images(rows) for p in (reference, pipe)
+    )
+    assert not np.array_equal(own, base)
