@@ -183,3 +183,13 @@ def test_judge_agreement_counts_each_side():
     assert result["judge_rate"] == rate_interval(judge) and result["witness_rate"] == rate_interval(witness)
     with pytest.raises(ValueError, match="one verdict of each judge"):
         judge_agreement(judge, witness[:2])
+
+
+def test_the_weights_evidence_decides_even_when_an_attack_is_unclear():
+    columns, attacks = table(10, 0, {"noise": ("trajectory", 2)}, n=10)  # too wide to tell
+    assert decide(columns, attacks)["verdict"] == "inconclusive"
+    baseline = decide(columns, attacks, generation_time="negative-prompt")  # weights untouched: still hidden only
+    assert baseline["verdict"] == "suppressed" and "too wide" in baseline["reason"]
+    flat = {"D_uncond": {"value": 0.0, "low": -0.01, "high": 0.01}}
+    assert decide(columns, attacks, likelihood=flat)["verdict"] == "suppressed"
+    assert decide(columns, attacks, likelihood=FELL)["verdict"] == "inconclusive"  # removal needs them all to hold
