@@ -249,6 +249,15 @@ def summary_table(summary: Mapping[str, Any]) -> list[str]:
             sampling = ", ".join(f"{k} {v:g}" for k, v in cost["sampling"].items())
             ratio = f"ratio {cost['ratio']:.2f}{interval}, {cost['n']} images"
             table.append(f"neighbours under {name} ({sampling}): {ratio}")
+    for name, entry in summary["attacks"].items():  # how fast fine-tuning brings it back, beside the reference
+        if entry.get("curve"):
+            reference = {point["steps"]: point for point in entry.get("reference_curve") or []}
+            points = []
+            for point in entry["curve"]:
+                other = reference.get(point["steps"])
+                extra = f" (reference {_rate(other['target_rate'])})" if other else ""
+                points.append(f"{point['steps']} steps {_rate(point['target_rate'])}{extra}")
+            table.append(f"{name} curve: " + "; ".join(points))
     witnessed = [("plain prompts, edited", columns.get("witness", {}) and columns["witness"]["edited"])]
     witnessed += [(name, entry.get("witness")) for name, entry in summary["attacks"].items()]
     for name, agreement in witnessed:

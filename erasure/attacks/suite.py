@@ -90,6 +90,13 @@ def _column_records(name: str, model: str, rows, prompts, hits) -> list[dict[str
     ]  # fmt: skip
 
 
+def _curve(points: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """A budget curve (relearning: target rate after each number of steps) with each point's interval."""
+    if not points:
+        return None
+    return [{"steps": point["steps"], "target_rate": rate_interval(point["hits"])} for point in points]
+
+
 def check_out(out: Path | None, overwrite: bool) -> None:
     """Refuse an existing, non-empty output folder (or a file) unless ``overwrite``."""
     if out is None:
@@ -275,6 +282,8 @@ def run_probe(
             "config": result.config,
             "cost": result.cost,
             "reference_cost": reference_results[name].cost if name in reference_results else None,
+            "curve": _curve(result.curve),
+            "reference_curve": _curve(reference_results[name].curve) if name in reference_results else None,
             "neighbour_cost": result.neighbour_cost,
             "witness": attack_witness.get(name),
             "notes": {k: v for k, v in result.notes.items() if k not in ("losses", "settings")},

@@ -187,3 +187,22 @@ def test_the_reference_is_taught_with_the_base_models_concept_images(monkeypatch
         AttackContext(p, None, brightness_judge, red_selector, steps=2).base_images(rows) for p in (reference, pipe)
     )
     assert not np.array_equal(own, base)
+
+
+def test_relearning_writes_its_curve_beside_the_references():
+    from erasure.attacks.run import summary_table
+    from erasure.testing import tiny_pipeline
+
+    pipe = tiny()
+    summary = run_probe(
+        pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, reference=tiny_pipeline("sd1", seed=1),
+        attacks=["relearning"], options={"relearning": {"checkpoints": (1, 2), "images": 2, "batch_size": 2}},
+        steps=2, likelihood=False,
+    )  # fmt: skip
+    entry = summary["attacks"]["relearning"]
+    assert [point["steps"] for point in entry["curve"]] == [1, 2] == [p["steps"] for p in entry["reference_curve"]]
+    assert entry["curve"][-1]["target_rate"] == entry["metrics"]["attacked"]  # the last point is the reported rate
+    assert entry["reference_curve"][-1]["target_rate"] == entry["metrics"]["reference_attacked"]
+    assert any(
+        line.startswith("relearning curve: 1 steps ") and "(reference " in line for line in summary_table(summary)
+    )
