@@ -46,7 +46,13 @@ __all__ = ["Relearning", "RelearningConfig", "Resurgence"]
 
 @dataclass
 class RelearningConfig(AttackConfig):
-    """Relearning settings."""
+    """Relearning settings.
+
+    ``paper`` is MemoRa's re-unlearning config (LoRA rank 4, lr 1e-4, batch 1, 10 steps on 6 concept images;
+    ``gmum/MemoRa:configs/reunlearning_nudity.yaml``). ``toy`` fine-tunes the cross-attention keys and values in
+    full instead (rank 0): a rank-r LoRA of those weights reaches a subset of what that reaches, so the toy attacker
+    is the stronger one, and the reference model gets the same budget (``--set relearning.rank=4`` for the LoRA).
+    """
 
     checkpoints: tuple[int, ...] = field(default=(10, 25, 50), metadata={"help": "optimiser steps judged"})
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
@@ -61,7 +67,7 @@ class RelearningConfig(AttackConfig):
 
     PRESETS = {
         "toy": {"checkpoints": (10, 25, 50), "lr": 1e-4, "images": 32},
-        "paper": {"checkpoints": (10,), "lr": 1e-4, "batch_size": 1, "images": 6},
+        "paper": {"checkpoints": (10,), "lr": 1e-4, "batch_size": 1, "images": 6, "rank": 4},
     }
     BUDGETS = ("checkpoints", "batch_size", "images")
 
