@@ -76,9 +76,13 @@ def _gap(entry: Mapping[str, Any] | None) -> str:
 
 
 def _asr(entry: Mapping[str, Any] | None) -> str:
+    """Both denominators: UnlearnDiffAtk's (every prompt) and P4D's (the prompts the edit had erased)."""
     if not entry or entry.get("asr") is None:
         return "–"
-    return f"{entry['asr']:.0%} of {entry.get('ideal_prompts', '?')}"
+    text = f"{entry['asr']:.0%} of {entry.get('prompts', '?')}"
+    if entry.get("conditional_asr") is not None:
+        text += f" / {entry['conditional_asr']:.0%} of {entry.get('ideal_prompts', '?')}"
+    return text
 
 
 def _cost(entry: Mapping[str, Any] | None) -> str:
@@ -193,7 +197,7 @@ def _probe_section(probe: Probe) -> str:
         f"{html.escape(str((verdict.get('selector') or {}).get('kind', '?')))}.</p>"
         + _likelihood_line(summary.get("likelihood"))
         + "<table><tr><th>attack</th><th>surface</th><th>target rate attacked</th><th>gap closed</th>"
-        "<th>ASR (of erased prompts)</th><th>neighbour ratio under the attack</th>"
+        "<th>ASR: of all prompts / of the prompts the edit erased</th><th>neighbour ratio under the attack</th>"
         + ("<th>second judge (witness)</th>" if witnessed else "")
         + "<th>cost</th></tr>"
         + "".join(rows)

@@ -73,3 +73,18 @@ def test_a_witness_adds_its_agreement_column(probe_folder, tmp_path):
     assert "<th>second judge (witness)</th>" in section
     assert "<td>agrees on 50% of 4; sees the target in 75%</td>" in section
     assert "second judge" not in render_report([probe_folder])  # no witness: no column
+
+
+def test_asr_is_shown_in_both_denominators(probe_folder, tmp_path):
+    from erasure.attacks.verdict import asr
+
+    copy = tmp_path / "probe"
+    copy.mkdir()
+    summary = json.loads((probe_folder / "summary.json").read_text())
+    prompts = ["a", "a", "b", "b", "c", "c"]  # a: erased, then recovered; b: never erased; c: erased, held
+    base, edited = [True, True, True, True, True, False], [False, False, True, False, False, False]
+    summary["attacks"]["trajectory"]["metrics"]["asr"] = asr(prompts, base, edited, [True, False, False] * 2)
+    (copy / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    (copy / "verdict.json").write_text((probe_folder / "verdict.json").read_text(), encoding="utf-8")
+    section = render_report([copy])
+    assert "<td>67% of 3 / 50% of 2</td>" in section  # UnlearnDiffAtk: a and b of 3; P4D: a of the erased a, c
