@@ -189,6 +189,49 @@ def prompt_rows(
     return None, None, seeds_per_prompt
 
 
+#: Columns of an adversarial prompt whose placeholder token means a learned embedding (the probe's concept
+#: inversion): the file, relative to the prompt CSV's folder, and the token it defines.
+EMBEDDING_COLUMN, TOKEN_COLUMN = "embedding", "token"
+
+
+def load_row_embeddings(pipe: Any, rows: Sequence[PromptRow], prompt_file: str | Path) -> list[dict[str, str]]:
+    """Teach ``pipe`` the learned tokens its rows name, so replayed inversion prompts mean what they meant.
+
+    A row with an ``embedding`` column (``erasure probe``'s ``prompts.csv``: ``embeddings/inversion.safetensors``,
+    relative to the CSV's folder) and a ``token`` column has a placeholder such as ``<concept>`` in its prompt that
+    only the learned vector gives a meaning; without it the tokenizer would split the placeholder into ordinary
+    sub-words and the replay would silently test another prompt. Each file is loaded once, with diffusers'
+    ``load_textual_inversion``, into the one text encoder every model of the run shares (the transfer question:
+    does the token learned against one model bring the concept back on another?).
+
+    Returns:
+        ``[{embedding, token}]``, the files loaded (empty when no row names one).
+
+    Raises:
+        EvaluationError: If a row names a missing file, names no token, or the pipeline cannot load it.
+    """
+    folder = Path(prompt_file).parent
+    wanted: dict[tuple[str, str], int] = {}
+    for row in rows:
+        name = row.extra.get(EMBEDDING_COLUMN, "").strip()
+        if name:
+            wanted.setdefault((name, row.extra.get(TOKEN_COLUMN, "").strip()), row.case_number)
+    loaded = []
+    for (name, token), case in wanted.items():
+        path = Path(name) if Path(name).is_absolute() else folder / name
+        if not token:
+            raise EvaluationError(f"{prompt_file}: case {case} names the embedding {name} but no token column.")
+        if not path.is_file():
+            raise EvaluationError(f"{prompt_file}: case {case} needs the learned embedding {path}, which is missing.")
+        try:
+            pipe.load_textual_inversion(str(path), token=token)
+        except (ValueError, OSError, RuntimeError) as error:
+            raise EvaluationError(f"{prompt_file}: cannot load the learned embedding {path}: {error}") from error
+        logger.info("Loaded the learned token %s from %s for the rows that use it.", token, path)
+        loaded.append({"embedding": str(path), "token": token})
+    return loaded
+
+
 def row_guidance(row: PromptRow) -> float | None:
     """The row's own guidance scale (the ``evaluation_guidance`` column of ESD/UCE/MACE prompt files), if any.
 

@@ -303,7 +303,7 @@ def _make_workdir(out: Path, state: Any) -> Path:
 
 def _plan(config: EvaluationConfig, device: torch.device) -> tuple[Any, EvaluationPlan]:
     """The pipeline (``None`` for given images) and the run's plan."""
-    from erasure.evaluation.jobs import generation_guidance, image_jobs, plan_image_folders
+    from erasure.evaluation.jobs import generation_guidance, image_jobs, load_row_embeddings, plan_image_folders
 
     taken: set[str] = set()
     if config.images is not None:
@@ -318,6 +318,8 @@ def _plan(config: EvaluationConfig, device: torch.device) -> tuple[Any, Evaluati
         base_check=config.base_check, max_relative_change=config.max_relative_change, scales=config.scales,
         model_config=config.model_config,
     )  # fmt: skip
+    if config.prompt_source is not None and config.prompt_source.kind == "csv":  # replayed inversion prompts
+        load_row_embeddings(pipe, config.rows, config.prompt_source.path)
     size = default_image_size(pipe)
     generation = Generation(config.steps, generation_guidance(jobs), config.height or size, config.width or size)
     return pipe, EvaluationPlan(entries, jobs, generation, config.images_per_row, config.prompt_source)

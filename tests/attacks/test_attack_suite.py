@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from attack_helpers import CONCEPT, brightness_judge, red_selector, tiny, tiny_edit, unet_fingerprint
 
 from erasure.attacks.base import AttackError, evaluation_rows
@@ -206,3 +207,23 @@ def test_relearning_writes_its_curve_beside_the_references():
     assert any(
         line.startswith("relearning curve: 1 steps ") and "(reference " in line for line in summary_table(summary)
     )
+
+
+def test_inversion_prompts_replay_with_their_learned_token(tmp_path):
+    from erasure.evaluation.jobs import load_row_embeddings, prompt_rows
+
+    pipe = tiny()
+    out = tmp_path / "probe"
+    run_probe(
+        pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, attacks=["inversion"], out=out, steps=2,
+        options={"inversion": {"steps": 2, "images": 2, "batch_size": 2}}, likelihood=False,
+    )  # fmt: skip
+    rows, source, _ = prompt_rows(prompts=out / "prompts.csv")  # what erasure evaluate --prompts reads
+    assert all("<concept>" in r.prompt and r.extra["embedding"] == "embeddings/inversion.safetensors" for r in rows)
+    other = tiny()  # a fresh model: the transfer replay
+    assert len(load_row_embeddings(other, rows, source.path)) == 1
+    token_id = other.tokenizer.convert_tokens_to_ids("<concept>")
+    from safetensors.torch import load_file
+
+    learned = load_file(str(out / "embeddings" / "inversion.safetensors"))["<concept>"][0]
+    assert torch.equal(other.text_encoder.get_input_embeddings().weight[token_id], learned)
