@@ -141,9 +141,7 @@ def falls(losses, window=3):
     return sum(losses[-window:]) / window < sum(losses[:window]) / window
 
 
-@pytest.mark.parametrize(
-    "kind", [pytest.param("denoise", marks=pytest.mark.slow), pytest.param("match", marks=pytest.mark.slow), "embed"]
-)
+@pytest.mark.parametrize("kind", ["denoise", "match", "embed"])
 def test_each_objective_falls_over_a_few_steps(kind):
     pipe = tiny()
     ctx = AttackContext(pipe, tiny_edit(pipe), brightness_judge, red_selector, steps=2)
