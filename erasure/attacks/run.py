@@ -257,7 +257,12 @@ def summary_table(summary: Mapping[str, Any]) -> list[str]:
                 other = reference.get(point["steps"])
                 extra = f" (reference {_rate(other['target_rate'])})" if other else ""
                 points.append(f"{point['steps']} steps {_rate(point['target_rate'])}{extra}")
-            table.append(f"{name} curve: " + "; ".join(points))
+            speed = entry.get("steps_to_half")
+            reference_speed = entry.get("reference_steps_to_half")
+            half = f"; half the base rate after {speed if speed is not None else '> budget'} steps"
+            if entry.get("reference_curve"):
+                half += f" (reference {reference_speed if reference_speed is not None else '> budget'})"
+            table.append(f"{name} curve: " + "; ".join(points) + half)
     witnessed = [("plain prompts, edited", columns.get("witness", {}) and columns["witness"]["edited"])]
     witnessed += [(name, entry.get("witness")) for name, entry in summary["attacks"].items()]
     for name, agreement in witnessed:

@@ -97,6 +97,18 @@ def _curve(points: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]] |
     return [{"steps": point["steps"], "target_rate": rate_interval(point["hits"])} for point in points]
 
 
+def _steps_to_half(points: Sequence[Mapping[str, Any]] | None, base_hits: Sequence[bool]) -> int | None:
+    """Relearning speed: the fewest steps on the curve at which the target rate reaches half the base rate.
+
+    ``None`` without a curve, or when no point reaches it within the budget (the attack's design: compare it with
+    the reference model's, which never learned the concept).
+    """
+    if not points or not base_hits:
+        return None
+    half = sum(base_hits) / len(base_hits) / 2
+    return next((int(point["steps"]) for point in points if point["target_rate"] >= half > 0), None)
+
+
 def check_out(out: Path | None, overwrite: bool) -> None:
     """Refuse an existing, non-empty output folder (or a file) unless ``overwrite``."""
     if out is None:
@@ -284,6 +296,10 @@ def run_probe(
             "reference_cost": reference_results[name].cost if name in reference_results else None,
             "curve": _curve(result.curve),
             "reference_curve": _curve(reference_results[name].curve) if name in reference_results else None,
+            "steps_to_half": _steps_to_half(result.curve, base_hits),
+            "reference_steps_to_half": (
+                _steps_to_half(reference_results[name].curve, base_hits) if name in reference_results else None
+            ),
             "neighbour_cost": result.neighbour_cost,
             "witness": attack_witness.get(name),
             "notes": {k: v for k, v in result.notes.items() if k not in ("losses", "settings")},

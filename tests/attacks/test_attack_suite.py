@@ -204,9 +204,11 @@ def test_relearning_writes_its_curve_beside_the_references():
     assert [point["steps"] for point in entry["curve"]] == [1, 2] == [p["steps"] for p in entry["reference_curve"]]
     assert entry["curve"][-1]["target_rate"] == entry["metrics"]["attacked"]  # the last point is the reported rate
     assert entry["reference_curve"][-1]["target_rate"] == entry["metrics"]["reference_attacked"]
-    assert any(
-        line.startswith("relearning curve: 1 steps ") and "(reference " in line for line in summary_table(summary)
-    )
+    base_rate = summary["columns"]["base"]["rate"]
+    expected = next((p["steps"] for p in entry["curve"] if p["target_rate"]["rate"] >= base_rate / 2 > 0), None)
+    assert entry["steps_to_half"] == expected
+    assert any(line.startswith("relearning curve: 1 steps ") and "half the base rate after" in line
+               for line in summary_table(summary))  # fmt: skip
 
 
 def test_inversion_prompts_replay_with_their_learned_token(tmp_path):
@@ -227,3 +229,13 @@ def test_inversion_prompts_replay_with_their_learned_token(tmp_path):
 
     learned = load_file(str(out / "embeddings" / "inversion.safetensors"))["<concept>"][0]
     assert torch.equal(other.text_encoder.get_input_embeddings().weight[token_id], learned)
+
+
+def test_relearning_speed_is_the_first_step_count_at_half_the_base_rate():
+    from erasure.attacks.suite import _steps_to_half
+
+    points = [{"steps": 10, "target_rate": 0.2}, {"steps": 25, "target_rate": 0.5}, {"steps": 50, "target_rate": 0.9}]
+    base = [True] * 8 + [False] * 2  # base rate 0.8: half is 0.4
+    assert _steps_to_half(points, base) == 25
+    assert _steps_to_half(points[:1], base) is None  # not reached within the budget
+    assert _steps_to_half(points, [False] * 4) is None and _steps_to_half(None, base) is None
