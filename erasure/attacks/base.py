@@ -78,8 +78,15 @@ class AttackConfig:
     PRESETS: ClassVar[dict[str, dict[str, Any]]] = {"toy": {}, "paper": {}}
     #: Fields that are budgets (iterations, variants): each must be at least 1.
     BUDGETS: ClassVar[tuple[str, ...]] = ()
+    #: Whether the attack implements ``control`` (its run on the base model); others refuse the option.
+    CONTROL: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        if self.control and not self.CONTROL:
+            raise AttackError(
+                f"{type(self).__name__}: this attack has no base-model control run (control=True is implemented by "
+                "the noise and inpainting probes)."
+            )
         for name in self.BUDGETS:
             value = getattr(self, name)
             values = value if isinstance(value, tuple | list) else (value,)

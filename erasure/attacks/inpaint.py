@@ -74,6 +74,8 @@ def inpaint(ctx: AttackContext, which: str, prompts, seeds, images: np.ndarray, 
 class InpaintConfig(AttackConfig):
     """Inpainting-probe settings."""
 
+    CONTROL = True
+
     mask_fraction: float = field(default=0.5, metadata={"help": "side of the centred square, as a fraction"})
 
     PRESETS = {"toy": {"mask_fraction": 0.5}, "paper": {"mask_fraction": 0.5}}

@@ -37,6 +37,8 @@ __all__ = ["NoiseConfig", "NoiseProbe"]
 class NoiseConfig(AttackConfig):
     """Noise-based probe settings."""
 
+    CONTROL = True
+
     etas: tuple[float, ...] = field(default=(1.0, 1.34, 1.68), metadata={"help": "DDIM eta values swept"})
     variance_scales: tuple[float, ...] = field(
         default=(1.0, 1.04), metadata={"help": "extra noise factors v swept (v multiplies eta * sigma_t * z)"}

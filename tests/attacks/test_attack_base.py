@@ -208,3 +208,13 @@ def test_neighbour_cost_of_the_base_is_one_and_is_none_without_a_neighbour_test_
     assert plain.neighbour_cost(CONCEPT) is None  # a judge without a neighbour test
     lonely = Concept(name="Pip", kind="character", erase=("pip",), evaluate=("an image of pip",))
     assert same.neighbour_cost(lonely) is None
+
+
+def test_control_is_refused_by_attacks_that_do_not_run_it():
+    from erasure.attacks import get_attack
+
+    for name in ("noise", "inpaint"):
+        assert get_attack(name, "toy", control=True).config.control
+    for name in ("paraphrase", "trajectory", "inversion", "relearning"):
+        with pytest.raises(AttackError, match="no base-model control run"):
+            get_attack(name, "toy", control=True)
