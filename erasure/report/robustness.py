@@ -19,7 +19,7 @@ from typing import Any
 
 from erasure.report.evaluations import ReportError
 
-__all__ = ["Probe", "is_probe_folder", "load_probe", "recovery_svg", "robustness_section"]
+__all__ = ["Probe", "curve_svg", "is_probe_folder", "load_probe", "recovery_svg", "robustness_section"]
 
 SUMMARY_NAME, VERDICT_NAME = "summary.json", "verdict.json"
 
@@ -137,6 +137,43 @@ def recovery_svg(probe: Probe, width: int = 520, bar: int = 22) -> str:
     return "".join(parts)
 
 
+def curve_svg(name: str, attack: Mapping[str, Any], width: int = 520, height: int = 180) -> str:
+    """Target rate against fine-tuning steps (relearning), the edited model's and the reference's lines.
+
+    Empty for an attack without a curve. The steps axis starts at 0, where the edited model's rate is the plain
+    prompts' (not drawn: the curve's first point is the first checkpoint).
+    """
+    curves = [(attack.get("curve"), "#c0504d", "edited")]
+    curves.append((attack.get("reference_curve"), "#4f81bd", "reference (never learned it)"))
+    if not curves[0][0]:
+        return ""
+    left, right, top, bottom = 40, 170, 10, 26
+    plot_w, plot_h = width - left - right, height - top - bottom
+    last = max(point["steps"] for points, _, _ in curves if points for point in points) or 1
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' role='img'>",
+             f"<title>{html.escape(name)}: target rate against steps</title>",
+             f"<line x1='{left}' x2='{left + plot_w}' y1='{top + plot_h}' y2='{top + plot_h}' stroke='#999'/>",
+             f"<line x1='{left}' x2='{left}' y1='{top}' y2='{top + plot_h}' stroke='#999'/>",
+             f"<text x='{left - 4}' y='{top + 8}' text-anchor='end' font-size='10'>100%</text>",
+             f"<text x='{left - 4}' y='{top + plot_h}' text-anchor='end' font-size='10'>0%</text>",
+             f"<text x='{left + plot_w / 2:.0f}' y='{height - 6}' text-anchor='middle' font-size='11'>"
+             f"{html.escape(name)} steps (last {last})</text>"]  # fmt: skip
+    for row, (points, colour, label) in enumerate(curves):
+        if not points:
+            continue
+        xy = [(left + plot_w * point["steps"] / last, top + plot_h * (1 - (point["target_rate"]["rate"] or 0.0)))
+              for point in points]  # fmt: skip
+        parts.append(f"<polyline fill='none' stroke='{colour}' stroke-width='2' "
+                     f"points='{' '.join(f'{x:.1f},{y:.1f}' for x, y in xy)}'/>")  # fmt: skip
+        for (x, y), point in zip(xy, points, strict=True):
+            parts.append(f"<circle cx='{x:.1f}' cy='{y:.1f}' r='3' fill='{colour}'><title>{html.escape(label)}, "
+                         f"{point['steps']} steps: {point['target_rate']['rate']:.0%}</title></circle>")  # fmt: skip
+        parts.append(f"<text x='{left + plot_w + 8}' y='{top + 14 + 16 * row}' font-size='11' "
+                     f"fill='{colour}'>{html.escape(label)}</text>")  # fmt: skip
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _likelihood_line(gaps: Mapping[str, Any] | None) -> str:
     """The likelihood gaps in one sentence (empty when the probe did not measure them)."""
     if not gaps:
@@ -203,6 +240,7 @@ def _probe_section(probe: Probe) -> str:
         + "".join(rows)
         + "</table>"
         + recovery_svg(probe)
+        + "".join(curve_svg(name, attack) for name, attack in summary["attacks"].items())
     )
 
 

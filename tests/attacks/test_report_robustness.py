@@ -88,3 +88,18 @@ def test_asr_is_shown_in_both_denominators(probe_folder, tmp_path):
     (copy / "verdict.json").write_text((probe_folder / "verdict.json").read_text(), encoding="utf-8")
     section = render_report([copy])
     assert "<td>67% of 3 / 50% of 2</td>" in section  # UnlearnDiffAtk: a and b of 3; P4D: a of the erased a, c
+
+
+def test_a_relearning_curve_is_drawn_beside_the_references():
+    from erasure.attacks.verdict import rate_interval
+    from erasure.report.robustness import curve_svg
+
+    def curve(*counts):
+        return [{"steps": s, "target_rate": rate_interval([True] * c + [False] * (4 - c))} for s, c in counts]
+
+    attack = {"curve": curve((10, 1), (25, 2), (50, 4)), "reference_curve": curve((10, 0), (25, 0), (50, 1))}
+    chart = curve_svg("relearning", attack)
+    assert chart.startswith("<svg") and chart.count("<polyline") == 2 and chart.count("<circle") == 6
+    assert "edited, 50 steps: 100%" in chart and "reference (never learned it), 50 steps: 25%" in chart
+    assert curve_svg("relearning", attack | {"reference_curve": None}).count("<polyline") == 1
+    assert curve_svg("trajectory", {"curve": None}) == ""
