@@ -137,8 +137,8 @@ class AttackContext:
         self.judge = judge
         self.selector = selector
         self.witness = witness
-        #: ``(judge verdicts, witness verdicts)`` of every judged batch, in order (only with a witness).
-        self.witness_log: list[tuple[list[bool], list[bool]]] = []
+        #: ``(model, judge verdicts, witness verdicts)`` of every judged batch, in order (only with a witness).
+        self.witness_log: list[tuple[str, list[bool], list[bool]]] = []
         self.selector_is_judge = same
         self.steps = int(steps)
         self.guidance = float(guidance)
@@ -300,11 +300,12 @@ class AttackContext:
 
     # -- judging -------------------------------------------------------------------------------------------------
 
-    def judge_images(self, images: np.ndarray) -> list[bool]:
+    def judge_images(self, images: np.ndarray, model: str = "edited") -> list[bool]:
         """The judge's verdicts (one bool per image); checks the judge's answer.
 
-        With a witness, the witness judges the same images too and both answers go to :attr:`witness_log`: a
-        second opinion on every reported image, which decides nothing (the probe reports how often they agree).
+        With a witness, the witness judges the same images too and both answers go to :attr:`witness_log` with
+        ``model`` (whose images they are: ``edited``, ``base``, ``reference``): a second opinion on every reported
+        image, which decides nothing (the probe reports how often they agree).
         """
         verdicts = [bool(v) for v in self.judge(images)]
         if len(verdicts) != len(images):
@@ -313,7 +314,7 @@ class AttackContext:
             second = [bool(v) for v in self.witness(images)]
             if len(second) != len(images):
                 raise AttackError(f"The witness returned {len(second)} verdicts for {len(images)} images.")
-            self.witness_log.append((verdicts, second))
+            self.witness_log.append((model, verdicts, second))
         return verdicts
 
     def neighbour_cost(self, concept: Concept, **sample_kwargs: Any) -> dict[str, Any] | None:
@@ -396,7 +397,7 @@ class AttackContext:
         scores = np.array([self.select_scores(images) for images in variants])  # (V, N)
         best = scores.argmax(0)  # ties: the first variant
         picked = np.stack([variants[v][i] for i, v in enumerate(best)])
-        hits = self.judge_images(picked)
+        hits = self.judge_images(picked, model)
         records = []
         for v, shared in enumerate(params):
             for i, row in enumerate(rows):

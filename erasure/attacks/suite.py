@@ -97,6 +97,18 @@ def _curve(points: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]] |
     return [{"steps": point["steps"], "target_rate": rate_interval(point["hits"])} for point in points]
 
 
+def _witness_by_model(log: Sequence[tuple[str, Sequence[bool], Sequence[bool]]]) -> dict[str, Any]:
+    """The judge-witness agreement over the logged batches, per model whose images they were."""
+    models = list(dict.fromkeys(model for model, _, _ in log))
+    return {
+        model: judge_agreement(
+            [v for m, first, _ in log if m == model for v in first],
+            [v for m, _, second in log if m == model for v in second],
+        )
+        for model in models
+    }
+
+
 def _steps_to_half(points: Sequence[Mapping[str, Any]] | None, base_hits: Sequence[bool]) -> int | None:
     """Relearning speed: the fewest steps on the curve at which the target rate reaches half the base rate.
 
@@ -172,9 +184,11 @@ def run_probe(
         provenance: What the models are (paths, kinds), recorded as the summary's ``models``.
         likelihood: Also measure the likelihood gaps (:mod:`erasure.attacks.likelihood`): evidence on whether the
             edit lowered the concept's unconditional likelihood, recorded beside the verdict (``likelihood``).
-        witness: A second judge (``images -> list[bool]``) that scores every image the judge scores (the columns
-            and each attack's reported images, not the reference's); the summary's ``witness`` entries say how
-            often the two agree (:func:`~erasure.attacks.verdict.judge_agreement`). It decides nothing.
+        witness: A second judge (``images -> list[bool]``) that scores every image the judge scores; the summary
+            says how often the two agree (:func:`~erasure.attacks.verdict.judge_agreement`): per attack on its
+            edited images (``witness``; every checkpoint of a curve) and per model whose images it judged
+            (``witness_by_model``: ``edited``, ``base``, ``reference``), and on the plain columns
+            (``columns.witness``). It decides nothing.
         always_attack: Run the attacks (and the likelihood gaps) even when the plain prompts alone say "not erased"
             (:func:`~erasure.attacks.verdict.plain_verdict`: the edited model still shows the concept, which no
             attack can change). Without it they are skipped, and the summary's ``skipped`` says which and why.
@@ -242,11 +256,9 @@ def run_probe(
     prompts, seeds = [r.prompt for r in rows], [r.evaluation_seed for r in rows]
 
     with ctx.meter() as columns_cost:
-        base_hits = ctx.judge_images(ctx.base_images(rows))
+        base_hits = ctx.judge_images(ctx.base_images(rows), "base")
         edited_hits = ctx.judge_images(ctx.generate("edited", prompts, seeds))
-    column_witness = None
-    if witness is not None:  # the log's first two entries: the base column, then the edited one
-        column_witness = {name: judge_agreement(*ctx.witness_log[i]) for i, name in enumerate(("base", "edited"))}
+    column_witness = _witness_by_model(ctx.witness_log) if witness is not None else None
     records = _column_records("none", "base", rows, prompts, base_hits)
     records += _column_records("none", "edited", rows, prompts, edited_hits)
     skipped = None
@@ -269,11 +281,8 @@ def run_probe(
         logger.info("Probe: running %s (%s).", name, attack.surface)
         mark = len(ctx.witness_log)
         results[name] = attack.run(ctx, concept)
-        if witness is not None:  # every image the attack had judged, its reported columns
-            judged = ctx.witness_log[mark:]
-            attack_witness[name] = judge_agreement(
-                [v for first, _ in judged for v in first], [v for _, second in judged for v in second]
-            )
+        if witness is not None:  # every image the attack had judged, by whose images they are
+            attack_witness[name] = _witness_by_model(ctx.witness_log[mark:])
         records += results[name].records
         if reference_ctx is not None and attack.surface in REFERENCE_SURFACES:
             reference_results[name] = attack.run(reference_ctx, concept)
@@ -301,7 +310,8 @@ def run_probe(
                 _steps_to_half(reference_results[name].curve, base_hits) if name in reference_results else None
             ),
             "neighbour_cost": result.neighbour_cost,
-            "witness": attack_witness.get(name),
+            "witness": (attack_witness.get(name) or {}).get("edited"),
+            "witness_by_model": attack_witness.get(name),
             "notes": {k: v for k, v in result.notes.items() if k not in ("losses", "settings")},
         }
     gaps = None

@@ -137,8 +137,8 @@ def test_a_witness_scores_every_reported_image_and_decides_nothing():
     pipe = tiny()
     edit = tiny_edit(pipe)
     settings = {
-        "attacks": ["paraphrase", "trajectory"], "steps": 2, "images_per_prompt": 2, "likelihood": False,
-        "options": {"paraphrase": OPTIONS["paraphrase"], "trajectory": OPTIONS["trajectory"]},
+        "attacks": ["paraphrase", "trajectory", "inpaint"], "steps": 2, "images_per_prompt": 2, "likelihood": False,
+        "options": {"paraphrase": OPTIONS["paraphrase"], "trajectory": OPTIONS["trajectory"]}, "reference": tiny(),
     }  # fmt: skip
     alone = run_probe(pipe, edit, CONCEPT, brightness_judge, red_selector, **settings)
     same = run_probe(pipe, edit, CONCEPT, brightness_judge, red_selector, witness=brightness_judge, **settings)
@@ -149,11 +149,16 @@ def test_a_witness_scores_every_reported_image_and_decides_nothing():
             assert summary["attacks"][name]["metrics"] == alone["attacks"][name]["metrics"]
     assert alone["columns"]["witness"] is None and alone["attacks"]["trajectory"]["witness"] is None
     rows = len(evaluation_rows(CONCEPT, 2))
-    for name in ("paraphrase", "trajectory"):
+    for name in ("paraphrase", "trajectory", "inpaint"):
         agrees, disagrees = same["attacks"][name]["witness"], opposite["attacks"][name]["witness"]
-        assert agrees["images"] == disagrees["images"] >= rows  # at least the attacked column of every row
+        assert agrees["images"] == disagrees["images"] == rows  # the attacked edited image of every row
         assert agrees["agreement"]["rate"] == 1.0 and disagrees["agreement"]["rate"] == 0.0
         assert disagrees["judge_only"] + disagrees["witness_only"] == disagrees["images"]
+    # the inpainting probe also judges the reference's fills of the same base images: witnessed apart
+    assert set(opposite["attacks"]["inpaint"]["witness_by_model"]) == {"edited", "reference"}
+    assert opposite["attacks"]["inpaint"]["witness_by_model"]["reference"]["images"] == rows
+    assert set(opposite["attacks"]["paraphrase"]["witness_by_model"]) == {"edited"}
+    assert set(opposite["columns"]["witness"]) == {"base", "edited"}
     edited = opposite["columns"]["witness"]["edited"]
     assert edited["images"] == rows and edited["judge_rate"]["rate"] == alone["columns"]["edited"]["rate"]
     assert edited["witness_rate"]["rate"] == 1 - alone["columns"]["edited"]["rate"]
