@@ -70,7 +70,8 @@ def _add_common(parser: argparse.ArgumentParser, set_form: str) -> None:
     )
     parser.add_argument(
         "--no-likelihood", action="store_true",
-        help="skip the likelihood gaps (evidence beside the verdict: did the unconditional likelihood fall?)",
+        help="skip the likelihood gaps (did the concept's unconditional likelihood fall?); without them the "
+        "verdict cannot say 'removed', only 'inconclusive' when every attack holds",
     )  # fmt: skip
 
 
