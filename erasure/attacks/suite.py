@@ -5,19 +5,23 @@ Suites (each a list of registered attacks, cheapest first; names not registered 
 * ``quick``: paraphrase + seed search, Ring-A-Bell (continuous), trajectory completion, noise, inpainting: no
   optimisation, a few generations each;
 * ``standard``: + UnlearnDiffAtk, P4D, concept inversion (optimised tokens and embeddings);
-* ``full``: + relearning (weights).
+* ``full``: + relearning and benign resurgence (weights).
 
 The base and edited columns (plain held-out prompts) are generated once and shared by every attack's metrics. With
 a ``reference`` pipeline (a model that never learned the concept: the capacity control), every attack on the
 embedding or weight surface is run on it too (its plain column as the "edited" model, no edit), because textual
 inversion and fine-tuning can teach a concept to any model: their recovery on the edit counts only beyond what they
-reach on the reference (:func:`erasure.attacks.verdict.decide`).
+reach on the reference (:func:`erasure.attacks.verdict.decide`). The reference is taught with the base model's
+concept images, the ones the edit is attacked with (its own images of the concept's prompts would show nothing to
+learn).
 
 ``out`` receives, atomically (a temporary folder renamed into place: an interrupted probe leaves nothing):
 ``per_image.csv`` (one row per generated image: attack, model, case number, prompt, seed, variant, its parameters,
 selector score, picked, judge verdict), ``summary.json`` (per attack: rates with intervals, gap closed, recovery,
 ASR in both denominators, cost, and for probes that change sampling the neighbour ratio under that sampling,
-``neighbour_cost``; the settings, with which judge reported and which selected), ``verdict.json`` (the
+``neighbour_cost``; for relearning the curve of target rate against steps beside the reference's, and the steps
+to half the base rate; with a witness, how often it agreed with the judge; the settings, with which judge reported
+and which selected), ``verdict.json`` (the
 same judge and selector records), ``prompts.csv`` and ``embeddings/<attack>.safetensors`` (learned tokens in
 diffusers' ``load_textual_inversion`` format).
 
@@ -25,7 +29,8 @@ diffusers' ``load_textual_inversion`` format).
 concept, type, classes``) plus ``attack``, the attacked row's ``case``, its ``anchor`` and ``erased_concept``, and
 the probe's ``evaluation_guidance``: :func:`erasure.prompt_sets.load_prompt_csv` reads it, so ``erasure evaluate
 --prompts prompts.csv`` replays the attacks on any other model (transfer). Inversion rows name their placeholder
-(``token``) and the ``embedding`` file it needs.
+(``token``) and the ``embedding`` file it needs, which ``erasure evaluate`` loads first
+(:func:`erasure.evaluation.jobs.load_row_embeddings`).
 """
 
 from __future__ import annotations
