@@ -118,7 +118,10 @@ def test_a_witness_judges_the_same_images_and_the_table_says_how_often_they_agre
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
     witness = summary["attacks"]["trajectory"]["witness"]
-    assert witness["images"] >= 2 and 0 <= witness["agreement"]["rate"] <= 1
+    assert witness["images"] == 2  # the attacked image of each of the two rows
+    assert witness["judge_rate"]["rate"] == summary["attacks"]["trajectory"]["metrics"]["attacked"]["rate"]
+    assert summary["settings"]["witness_is_selector"] is True  # the CLIP both selects and witnesses here
+    assert "the witness is the selector" in printed
     assert summary["columns"]["witness"]["edited"]["images"] == 2
     assert summary["settings"]["witness"]["spec"] == CLIP and summary["settings"]["witness"]["kind"] == "clip"
     assert f"witness on trajectory: agrees on {witness['agreement']['rate']:.0%} of {witness['images']}" in printed

@@ -171,6 +171,8 @@ class AttackContext:
             "selector": describe_callable(self.selector),
             "selector_is_judge": self.selector_is_judge,
             "witness": describe_callable(self.witness) if self.witness is not None else None,
+            # a witness that is the selector judged images picked by its own scores: its rates are upper bounds
+            "witness_is_selector": self.witness is not None and same_judge(self.witness, self.selector),
             "sampler": "ddim",
             "suppression": self.suppression,
             "negative_prompt": self.negative_prompt,

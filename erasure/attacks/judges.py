@@ -394,11 +394,23 @@ def load_witness(
         AttackError: On a bad spec, or one that names the judge's own model (a second opinion needs another).
     """
     parsed = parse_judge_spec(spec)
+
+    def same_spec(role: Any) -> bool:
+        if not isinstance(role, _Role):
+            return False
+        other = parse_judge_spec(role.spec)
+        return (other.kind, other.argument) == (parsed.kind, parsed.argument)
+
+    refusal = f"--witness {spec} is the judge's own model; a second opinion must come from another."
+    if same_spec(judge):  # refused before any model is loaded
+        raise AttackError(refusal)
+    if same_spec(selector):
+        return _JudgeRole(selector.model, parsed.text)
     model = load_concept_judge(parsed, concept, default_clip=default_clip, device=device)
-    if model.source == getattr(judge, "source", None):
-        raise AttackError(f"--witness {spec} is the judge's own model; a second opinion must come from another.")
-    if model.source == getattr(selector, "source", None) and isinstance(selector, _Role):
-        model = selector.model
+    if model.source == getattr(judge, "source", None):  # another spelling of the judge's model
+        raise AttackError(refusal)
+    if isinstance(selector, _Role) and model.source == selector.source:
+        model = selector.model  # another spelling of the selector's: one model in memory
     return _JudgeRole(model, parsed.text)
 
 

@@ -265,6 +265,10 @@ def summary_table(summary: Mapping[str, Any]) -> list[str]:
             table.append(f"{name} curve: " + "; ".join(points) + half)
     witnessed = [("plain prompts, edited", columns.get("witness", {}) and columns["witness"]["edited"])]
     witnessed += [(name, entry.get("witness")) for name, entry in summary["attacks"].items()]
+    if (summary.get("settings") or {}).get("witness_is_selector") and any(a for _, a in witnessed):
+        table.append(
+            "the witness is the selector: it judged images picked by its own scores (its rates are upper bounds)"
+        )
     for name, agreement in witnessed:
         if agreement:
             judge_rate, witness_rate = agreement["judge_rate"]["rate"], agreement["witness_rate"]["rate"]

@@ -252,6 +252,7 @@ def run_probe(
             selector,
             allow_selector_as_judge=allow_selector_as_judge,
             base_images_from=ctx,
+            witness=witness,
             **plain,
         )
     ctx.reference = reference_ctx  # probes that run the reference themselves (inpainting) find it here
@@ -290,7 +291,14 @@ def run_probe(
             attack_witness[name] = _witness_by_model(ctx.witness_log[mark:])
         records += results[name].records
         if reference_ctx is not None and attack.surface in REFERENCE_SURFACES:
+            reference_mark = len(reference_ctx.witness_log)
             reference_results[name] = attack.run(reference_ctx, concept)
+            if witness is not None:  # the reference's own "edited" images are the reference model's
+                logged = [("reference", a, b) for _, a, b in reference_ctx.witness_log[reference_mark:]]
+                attack_witness[name] = {
+                    **attack_witness.get(name, {}),
+                    **_witness_by_model(logged),
+                }  # an attack that also judged reference fills itself (inpainting) runs on no reference context
             records += [r | {"model": "reference"} for r in reference_results[name].records]
 
     case_ids = [r.case_number for r in rows]

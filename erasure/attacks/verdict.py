@@ -39,8 +39,8 @@ Per attack ``A`` (:func:`attack_metrics`), with ``r_m(A)`` the fraction of model
    is **suppressed (likelihood evidence)**. Without a reference, removal carries the caveat that embedding and
    weight attacks were not compared with a model that never learned the concept, and without a weight attack
    (relearning) the caveat that a little fine-tuning was not tried;
-6. otherwise **inconclusive**: some interval is too wide to decide (more images, or a reference; the weights'
-   evidence of rule 5 still says "suppressed" when it applies); or every attack
+6. otherwise **inconclusive**: some interval is too wide to decide (more images, or a reference; a
+   generation-time suppression is still "suppressed": its weights are certainly the base's); or every attack
    held but the evidence for removal is incomplete: the likelihood gaps were not measured, or no attack tried one
    of the surfaces of :data:`REMOVAL_SURFACES` (a run of two text searches that both fail shows nothing about
    embeddings or trajectories).
@@ -375,7 +375,7 @@ def decide(
         return done("inconclusive", "no attack was run; plain prompts alone cannot tell removal from suppression")
     unclear = [name for name, state in states.items() if state == "unclear"]
     held = f"no attack recovered it ({', '.join(attacks)} all hold)"
-    if unclear:  # the weights can still say "suppressed"; only removal needs every attack to hold
+    if unclear:  # a generation-time suppression is still "suppressed": its weights are certainly the base's
         held = f"no attack recovered it ({', '.join(unclear)}: interval(s) too wide to tell)"
     if generation_time:
         return done(
@@ -383,6 +383,8 @@ def decide(
             f"{held}, but {generation_time} changes no weight: it hides the concept while sampling, from weights "
             "that still hold it",
         )
+    if unclear:  # only certainty about the weights (untouched) decides past an attack too wide to tell
+        return done("inconclusive", f"{', '.join(unclear)}: interval(s) too wide to decide")
     uncond = (likelihood or {}).get("D_uncond")
     if uncond is not None and not (uncond.get("low") is not None and uncond["low"] > 0):
         return done(
@@ -391,8 +393,6 @@ def decide(
             f"[{uncond['low']:.3g}, {uncond['high']:.3g}] includes 0): the weights still hold it (likelihood "
             "evidence)",
         )
-    if unclear:
-        return done("inconclusive", f"{', '.join(unclear)}: interval(s) too wide to decide")
     tried = {entry["surface"] for entry in attacks.values()}
     untried = [surface for surface in REMOVAL_SURFACES if surface not in tried]
     if untried:

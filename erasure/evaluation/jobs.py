@@ -103,6 +103,8 @@ class PromptSource:
     kind: str  # "csv" | "concepts" | "manifest"
     path: str
     sha256: str
+    #: Learned tokens the rows needed (replayed inversion prompts): ``[{embedding, token, sha256}]``.
+    embeddings: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -205,11 +207,13 @@ def load_row_embeddings(pipe: Any, rows: Sequence[PromptRow], prompt_file: str |
     does the token learned against one model bring the concept back on another?).
 
     Returns:
-        ``[{embedding, token}]``, the files loaded (empty when no row names one).
+        ``[{embedding, token, sha256}]``, the files loaded (empty when no row names one).
 
     Raises:
         EvaluationError: If a row names a missing file, names no token, or the pipeline cannot load it.
     """
+    from erasure.prompt_sets import file_sha256
+
     folder = Path(prompt_file).parent
     wanted: dict[tuple[str, str], int] = {}
     for row in rows:
@@ -228,7 +232,7 @@ def load_row_embeddings(pipe: Any, rows: Sequence[PromptRow], prompt_file: str |
         except (ValueError, OSError, RuntimeError) as error:
             raise EvaluationError(f"{prompt_file}: cannot load the learned embedding {path}: {error}") from error
         logger.info("Loaded the learned token %s from %s for the rows that use it.", token, path)
-        loaded.append({"embedding": str(path), "token": token})
+        loaded.append({"embedding": str(path), "token": token, "sha256": file_sha256(path)})
     return loaded
 
 

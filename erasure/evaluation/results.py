@@ -12,7 +12,8 @@
                      "seeds": [per image, in image order]},          # values null when scoring given images;
                      # guidance "per-row" when rows' evaluation_guidance differ (per_image.csv has each one)
       "prompts": {"source": "prompts/x.csv", "kind": "csv" | "concepts" | "manifest", "sha256": "...",
-                  "rows": 10, "images_per_model": 10, "roles": {"erased": 5, "preserved": 5, ...}},
+                  "rows": 10, "images_per_model": 10, "roles": {"erased": 5, "preserved": 5, ...},
+                  "embeddings": [{"embedding": "...", "token": "<concept>", "sha256": "..."}]},  # replayed inversion
       "models": {"base": {"kind": "base", "source": "CompVis/stable-diffusion-v1-4", "images": "images/base"},
                  "<label>": {"kind": "edit" | "weights" | "images", "source": "...", "images": "images/<label>",
                              "method": "esd", "edit_fingerprint": "<sha256 of the deltas>",
@@ -193,6 +194,8 @@ class PromptsRecord:
     rows: int
     images_per_model: int
     roles: dict[str, int]
+    #: Learned tokens loaded for the rows (replayed inversion prompts): ``[{embedding, token, sha256}]``.
+    embeddings: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass(kw_only=True)
@@ -336,6 +339,7 @@ def write_results(
             rows=len({job.row.case_number for job in jobs}),
             images_per_model=len(jobs),
             roles=roles,
+            embeddings=list(source.embeddings) if source else [],
         ),
         reference=reference_label,
         versions=versions,

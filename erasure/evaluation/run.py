@@ -319,7 +319,7 @@ def _plan(config: EvaluationConfig, device: torch.device) -> tuple[Any, Evaluati
         model_config=config.model_config,
     )  # fmt: skip
     if config.prompt_source is not None and config.prompt_source.kind == "csv":  # replayed inversion prompts
-        load_row_embeddings(pipe, config.rows, config.prompt_source.path)
+        config.prompt_source.embeddings = load_row_embeddings(pipe, config.rows, config.prompt_source.path)
     size = default_image_size(pipe)
     generation = Generation(config.steps, generation_guidance(jobs), config.height or size, config.width or size)
     return pipe, EvaluationPlan(entries, jobs, generation, config.images_per_row, config.prompt_source)

@@ -235,7 +235,17 @@ def _probe_section(probe: Probe) -> str:
         + _likelihood_line(summary.get("likelihood"))
         + "<table><tr><th>attack</th><th>surface</th><th>target rate attacked</th><th>gap closed</th>"
         "<th>ASR: of all prompts / of the prompts the edit erased</th><th>neighbour ratio under the attack</th>"
-        + ("<th>second judge (witness)</th>" if witnessed else "")
+        + (
+            "<th>second judge (witness"
+            + (
+                "; it also selected: its rates are upper bounds"
+                if summary["settings"].get("witness_is_selector")
+                else ""
+            )
+            + ")</th>"
+            if witnessed
+            else ""
+        )
         + "<th>cost</th></tr>"
         + "".join(rows)
         + "</table>"

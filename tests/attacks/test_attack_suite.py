@@ -197,6 +197,7 @@ def test_the_reference_is_taught_with_the_base_models_concept_images(monkeypatch
 
 def test_relearning_writes_its_curve_beside_the_references():
     from erasure.attacks.run import summary_table
+    from erasure.attacks.suite import _steps_to_half
     from erasure.testing import tiny_pipeline
 
     pipe = tiny()
@@ -209,9 +210,11 @@ def test_relearning_writes_its_curve_beside_the_references():
     assert [point["steps"] for point in entry["curve"]] == [1, 2] == [p["steps"] for p in entry["reference_curve"]]
     assert entry["curve"][-1]["target_rate"] == entry["metrics"]["attacked"]  # the last point is the reported rate
     assert entry["reference_curve"][-1]["target_rate"] == entry["metrics"]["reference_attacked"]
-    base_rate = summary["columns"]["base"]["rate"]
-    expected = next((p["steps"] for p in entry["curve"] if p["target_rate"]["rate"] >= base_rate / 2 > 0), None)
-    assert entry["steps_to_half"] == expected
+    # wiring: the summary's speed is _steps_to_half (unit-tested below) of this curve and this base column
+    points = [{"steps": p["steps"], "target_rate": p["target_rate"]["rate"]} for p in entry["curve"]]
+    base = summary["columns"]["base"]
+    hits = round(base["rate"] * base["n"])
+    assert entry["steps_to_half"] == _steps_to_half(points, [True] * hits + [False] * (base["n"] - hits))
     assert any(line.startswith("relearning curve: 1 steps ") and "half the base rate after" in line
                for line in summary_table(summary))  # fmt: skip
 
@@ -244,3 +247,18 @@ def test_relearning_speed_is_the_first_step_count_at_half_the_base_rate():
     assert _steps_to_half(points, base) == 25
     assert _steps_to_half(points[:1], base) is None  # not reached within the budget
     assert _steps_to_half(points, [False] * 4) is None and _steps_to_half(None, base) is None
+
+
+def test_the_witness_also_judges_the_references_runs():
+    from erasure.testing import tiny_pipeline
+
+    pipe = tiny()
+    summary = run_probe(
+        pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, reference=tiny_pipeline("sd1", seed=1),
+        attacks=["relearning"], options={"relearning": {"checkpoints": (1,), "images": 2, "batch_size": 2}},
+        steps=2, likelihood=False, witness=darkness_judge,
+    )  # fmt: skip
+    by_model = summary["attacks"]["relearning"]["witness_by_model"]
+    assert set(by_model) == {"edited", "reference"} and by_model["reference"]["images"] == 2
+    assert by_model["reference"]["agreement"]["rate"] == 0.0  # the opposite judge, on the reference's images
+    assert summary["settings"]["witness_is_selector"] is False

@@ -185,11 +185,12 @@ def test_judge_agreement_counts_each_side():
         judge_agreement(judge, witness[:2])
 
 
-def test_the_weights_evidence_decides_even_when_an_attack_is_unclear():
+def test_untouched_weights_decide_even_when_an_attack_is_unclear_and_nothing_else_does():
     columns, attacks = table(10, 0, {"noise": ("trajectory", 2)}, n=10)  # too wide to tell
     assert decide(columns, attacks)["verdict"] == "inconclusive"
     baseline = decide(columns, attacks, generation_time="negative-prompt")  # weights untouched: still hidden only
     assert baseline["verdict"] == "suppressed" and "too wide" in baseline["reason"]
+    # a likelihood interval that includes 0 is no certainty about the weights: an unclear attack stays undecided
     flat = {"D_uncond": {"value": 0.0, "low": -0.01, "high": 0.01}}
-    assert decide(columns, attacks, likelihood=flat)["verdict"] == "suppressed"
-    assert decide(columns, attacks, likelihood=FELL)["verdict"] == "inconclusive"  # removal needs them all to hold
+    for likelihood in (flat, FELL):
+        assert decide(columns, attacks, likelihood=likelihood)["verdict"] == "inconclusive"

@@ -26,9 +26,12 @@ def test_a_row_naming_a_learned_embedding_teaches_the_pipeline_its_token(tmp_pat
         row(2, "a plain prompt"),
     ]
     before = len(pipe.tokenizer)
+    from erasure.prompt_sets import file_sha256
+
+    path = tmp_path / "embeddings" / "inversion.safetensors"
     assert load_row_embeddings(pipe, rows, csv) == [
-        {"embedding": str(tmp_path / "embeddings" / "inversion.safetensors"), "token": "<concept>"}
-    ]  # one file, loaded once for both rows
+        {"embedding": str(path), "token": "<concept>", "sha256": file_sha256(path)}
+    ]  # one file, loaded once for both rows, recorded with its checksum
     token_id = pipe.tokenizer.convert_tokens_to_ids("<concept>")
     assert len(pipe.tokenizer) == before + 1 and token_id == before
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], vector)
