@@ -84,8 +84,9 @@ class AttackContext:
             teach it nothing and make the control trivially pass.
 
     Raises:
-        AttackError: If judge or selector is not callable, they are the same without the flag, a setting is out of
-            range, or a suppression is unknown, lacks its negative prompt or has no guidance to act through.
+        AttackError: If judge, selector or witness is not callable, judge and selector are the same without the
+            flag, a setting is out of range, or a suppression is unknown, lacks its negative prompt or has no
+            guidance to act through.
         erasure.edit.FingerprintMismatchError: If the edit was made from another base model.
     """
 
