@@ -42,6 +42,11 @@ def run_timed(command: list[str], **kwargs) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def keep_best(table: dict[str, float], label: str, seconds: float) -> None:
+    """Keep the smallest time seen for ``label`` (the run least disturbed by other work)."""
+    table[label] = min(table.get(label, float("inf")), round(seconds, 3))
+
+
 def timed(checkout: Path, argv: list[str]) -> tuple[float, float]:
     """``(wall, CPU)`` seconds of ``python -m erasure ARGV`` run from ``checkout``'s package."""
     env = os.environ | {"PYTHONPATH": str(checkout), "HF_HUB_OFFLINE": "1"}
@@ -83,15 +88,15 @@ def main(argv: list[str] | None = None) -> int:
                 for label, command in commands(args.model.resolve(), scratch).items():
                     shutil.rmtree(scratch / "uce", ignore_errors=True)  # every erase writes a fresh folder
                     wall, cpu = timed(checkout, command)
-                    best[name][label] = min(best[name].get(label, float("inf")), round(wall, 3))
-                    best_cpu[name][label] = min(best_cpu[name].get(label, float("inf")), round(cpu, 3))
+                    keep_best(best[name], label, wall)
+                    keep_best(best_cpu[name], label, cpu)
         floor: dict[str, float] = {}  # what no erasure code can go below: the interpreter, and it with torch
         floor_cpu: dict[str, float] = {}
         for _ in range(args.repeats):
             for label, code in (("python", "pass"), ("python + import torch", "import torch")):
                 wall, cpu = run_timed([sys.executable, "-c", code])
-                floor[label] = min(floor.get(label, float("inf")), round(wall, 3))
-                floor_cpu[label] = min(floor_cpu.get(label, float("inf")), round(cpu, 3))
+                keep_best(floor, label, wall)
+                keep_best(floor_cpu, label, cpu)
     report: dict = {
         "best_seconds": best, "best_cpu_seconds": best_cpu, "floor_seconds": floor, "floor_cpu_seconds": floor_cpu,
         "repeats": args.repeats,

@@ -69,6 +69,10 @@ class JudgeSpec:
     argument: str | None
     text: str
 
+    def names_same_model(self, other: JudgeSpec) -> bool:
+        """Whether both specs say the same model (kind and argument; ``text`` may differ in spelling only)."""
+        return (self.kind, self.argument) == (other.kind, other.argument)
+
 
 def parse_judge_spec(spec: str) -> JudgeSpec:
     """Split ``KIND[:ARG]``; nothing is loaded.
@@ -360,7 +364,7 @@ def judge_and_selector(
                 raise
             selector = judge
     selector_spec = parse_judge_spec(selector)
-    same_spec = (selector_spec.kind, selector_spec.argument) == (judge_spec.kind, judge_spec.argument)
+    same_spec = selector_spec.names_same_model(judge_spec)
     if same_spec and not allow_selector_as_judge:
         raise AttackError(_SAME_MESSAGE.format(spec=judge_spec.text))
     judge_model = load_concept_judge(judge_spec, concept, default_clip=default_clip, device=device)
@@ -396,10 +400,7 @@ def load_witness(
     parsed = parse_judge_spec(spec)
 
     def same_spec(role: Any) -> bool:
-        if not isinstance(role, _Role):
-            return False
-        other = parse_judge_spec(role.spec)
-        return (other.kind, other.argument) == (parsed.kind, parsed.argument)
+        return isinstance(role, _Role) and parse_judge_spec(role.spec).names_same_model(parsed)
 
     refusal = f"--witness {spec} is the judge's own model; a second opinion must come from another."
     if same_spec(judge):  # refused before any model is loaded

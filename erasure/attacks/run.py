@@ -257,13 +257,15 @@ def summary_table(summary: Mapping[str, Any]) -> list[str]:
                 other = reference.get(point["steps"])
                 extra = f" (reference {_rate(other['target_rate'])})" if other else ""
                 points.append(f"{point['steps']} steps {_rate(point['target_rate'])}{extra}")
-            speed = entry.get("steps_to_half")
-            reference_speed = entry.get("reference_steps_to_half")
-            half = f"; half the base rate after {speed if speed is not None else '> budget'} steps"
+
+            def steps(value: int | None) -> str:
+                return "> budget" if value is None else str(value)
+
+            half = f"; half the base rate after {steps(entry.get('steps_to_half'))} steps"
             if entry.get("reference_curve"):
-                half += f" (reference {reference_speed if reference_speed is not None else '> budget'})"
+                half += f" (reference {steps(entry.get('reference_steps_to_half'))})"
             table.append(f"{name} curve: " + "; ".join(points) + half)
-    witnessed = [("plain prompts, edited", columns.get("witness", {}) and columns["witness"]["edited"])]
+    witnessed = [("plain prompts, edited", (columns.get("witness") or {}).get("edited"))]
     witnessed += [(name, entry.get("witness")) for name, entry in summary["attacks"].items()]
     if (summary.get("settings") or {}).get("witness_is_selector") and any(a for _, a in witnessed):
         table.append(

@@ -202,7 +202,10 @@ def _probe_section(probe: Probe) -> str:
     suppression = verdict.get("suppression")
     rows = []
     columns = summary.get("columns", {})
-    witnessed = bool((summary.get("settings") or {}).get("witness"))
+    settings = summary.get("settings") or {}
+    witnessed = bool(settings.get("witness"))
+    upper_bound = "; it also selected: its rates are upper bounds" if settings.get("witness_is_selector") else ""
+    witness_header = f"<th>second judge (witness{upper_bound})</th>" if witnessed else ""
 
     def witness_cell(entry: Mapping[str, Any] | None) -> str:
         return f"<td>{html.escape(_witness(entry))}</td>" if witnessed else ""
@@ -235,17 +238,7 @@ def _probe_section(probe: Probe) -> str:
         + _likelihood_line(summary.get("likelihood"))
         + "<table><tr><th>attack</th><th>surface</th><th>target rate attacked</th><th>gap closed</th>"
         "<th>ASR: of all prompts / of the prompts the edit erased</th><th>neighbour ratio under the attack</th>"
-        + (
-            "<th>second judge (witness"
-            + (
-                "; it also selected: its rates are upper bounds"
-                if summary["settings"].get("witness_is_selector")
-                else ""
-            )
-            + ")</th>"
-            if witnessed
-            else ""
-        )
+        + witness_header
         + "<th>cost</th></tr>"
         + "".join(rows)
         + "</table>"
