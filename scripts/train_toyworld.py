@@ -5,7 +5,8 @@ The default run reproduces the shipped ``checkpoints/toyworld-sd`` from scratch 
 1. render ``--images`` training examples (seeded; ``--exclude-concept`` drops every image and caption of a concept);
 2. encode them with the VAE of ``--vae-from`` (cached in ``--work-dir``), centre its latents per channel, folded
    exactly into the VAE's biases (``erasure.toyworld.models.center_vae_latents``), and set ``scaling_factor`` to
-   1 / std of the centred latents;
+   1 / std of the centred latents (``--keep-vae`` skips this and keeps the VAE bit for bit, so the new generator
+   shares ``--vae-from``'s latent space, as the exact-unlearning reference must);
 3. train a fresh UNet and text encoder on the v-prediction loss under the zero-terminal-SNR schedule
    (``erasure.toyworld.models.SCHEDULER_CONFIG``), logging the oracle's verdicts on a 72-prompt check set every
    ``--check-every`` steps;
@@ -18,7 +19,7 @@ last saved state in ``--work-dir``.
 
 Examples:
     python scripts/train_toyworld.py                                   # checkpoints/toyworld-sd
-    python scripts/train_toyworld.py --exclude-concept Pip             # checkpoints/toyworld-sd-without-pip
+    python scripts/train_toyworld.py --exclude-concept Pip --keep-vae  # checkpoints/toyworld-sd-without-pip
     python scripts/train_toyworld.py --out /tmp/ck --images 400 --steps 20 --check-every 10   # a smoke run
 """
 
@@ -72,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "repeatable. The exact-unlearning reference for probes")  # fmt: skip
     parser.add_argument("--vae-from", type=Path, default=Path("checkpoints/toyworld-sd"),
                         help="pipeline folder whose VAE and tokenizer are reused")  # fmt: skip
+    parser.add_argument("--keep-vae", action="store_true",
+                        help="use --vae-from's VAE exactly as it is (no re-centring, its own scaling_factor), so "
+                             "the new generator shares its latent space bit for bit: what a reference model "
+                             "needs to be compared step by step (--model2, trajectory completion)")  # fmt: skip
     parser.add_argument("--oracle", type=Path, default=Path("checkpoints/toyworld-oracle"),
                         help="oracle for the quality checks (written here when 'oracle' is a stage)")  # fmt: skip
     parser.add_argument("--check-every", type=int, default=800, help="denoiser steps between quality checks")
@@ -85,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(the comparison)")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.keep_vae and "vae" in args.stages:
+        parser.error("--keep-vae keeps --vae-from's VAE; it cannot be combined with --stages vae")
     if args.images < 1 or args.steps < 1 or args.batch_size < 1 or args.check_every < 1:
         parser.error("--images, --steps, --batch-size and --check-every must be positive")
     if not (math.isfinite(args.lr) and args.lr > 0):
@@ -270,16 +277,23 @@ def main(argv: list[str] | None = None) -> None:
         exclude = "-".join(sorted(name.lower() for name in args.exclude_concept)) or "all"
         cache = args.work_dir / f"latents-{vae_key}-{args.images}-{args.seed}-{exclude}.pt"
         latent_mean, latent_std = cached_latents(vae, images, device, cache)
-        # centre: the per-channel mean of the posterior means goes into the VAE's biases and out of the latents
-        channel_mean = latent_mean.mean(dim=(0, 2, 3))
-        models.center_vae_latents(vae, channel_mean)
-        latent_mean = latent_mean - channel_mean.view(1, -1, 1, 1)
-        scaling_factor = float(1.0 / latent_mean.std())
-        vae.register_to_config(scaling_factor=scaling_factor)
-        report["latent_channel_mean_removed"] = [round(float(v), 5) for v in channel_mean]
+        if args.keep_vae:
+            # the VAE stays bit-identical to --vae-from's; the small remaining mean of this data stays in the latents
+            scaling_factor = float(vae.config.scaling_factor)
+            report["latent_channel_mean_kept"] = [round(float(v), 5) for v in latent_mean.mean(dim=(0, 2, 3))]
+            logging.info("VAE of %s kept as it is: latent channel means %s, scaling factor %.4f", args.vae_from,
+                         report["latent_channel_mean_kept"], scaling_factor)  # fmt: skip
+        else:
+            # centre: the per-channel mean of the posterior means goes into the VAE's biases and out of the latents
+            channel_mean = latent_mean.mean(dim=(0, 2, 3))
+            models.center_vae_latents(vae, channel_mean)
+            latent_mean = latent_mean - channel_mean.view(1, -1, 1, 1)
+            scaling_factor = float(1.0 / latent_mean.std())
+            vae.register_to_config(scaling_factor=scaling_factor)
+            report["latent_channel_mean_removed"] = [round(float(v), 5) for v in channel_mean]
+            logging.info("latent channel means %s folded into the VAE; scaling factor %.4f",
+                         report["latent_channel_mean_removed"], scaling_factor)  # fmt: skip
         report["scaling_factor"] = scaling_factor
-        logging.info("latent channel means %s folded into the VAE; scaling factor %.4f",
-                     report["latent_channel_mean_removed"], scaling_factor)  # fmt: skip
 
     if "denoiser" in args.stages:
         from diffusers import UNet2DConditionModel

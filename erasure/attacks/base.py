@@ -215,7 +215,7 @@ class AttackResult:
         prompts: Adversarial prompts as rows of the field's CSV schema (``extra["attack"]`` set), for replay.
         embeddings: Learned vectors (``{token: [d]}`` for textual inversion, ``{"rows": [k, d]}`` for soft prompts).
         images: The attacked images the judge scored, uint8 ``(N, H, W, 3)``.
-        curve: For attacks with a budget axis (relearning): ``[{steps, target_rate, hits}, ...]``.
+        curve: For attacks with a budget axis (relearning, concept inversion): ``[{steps, target_rate, hits}, ...]``.
         neighbour_cost: For probes that change sampling (:meth:`AttackContext.neighbour_cost
             <erasure.attacks.context.AttackContext.neighbour_cost>`): the neighbour ratio with the probe's sampling
             applied to both models, or ``None``.

@@ -10,7 +10,9 @@ DenoiseObjective`, ``token`` parametrisation). ``D``: base-model images of the c
 ``train_seed + j`` (never the held-out rows' images); ``y``: those prompts with the concept words replaced by the
 placeholder. Only the new row is trained (the override supplies it; every other tensor is frozen). Evaluation: the
 held-out prompts with the concept words replaced by the placeholder (or the placeholder appended), on the edited
-model. The vector is exported as ``{placeholder: [1, d]}`` safetensors, the file
+model, after each of ``checkpoints`` steps and after the last: the curve of target rate against steps, the
+speed the verdict compares with the reference model's (a concept still in the weights comes back in fewer steps
+than one taught from nothing). The vector is exported as ``{placeholder: [1, d]}`` safetensors, the file
 ``pipe.load_textual_inversion(path, token=...)`` reads (:func:`~erasure.attacks.embedding.save_learned_embeds`).
 
 Textual inversion can teach a model a concept it never knew (that is what it was invented for), so recovery here
@@ -66,12 +68,26 @@ class InversionConfig(AttackConfig):
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
     batch_size: int = field(default=16, metadata={"help": "(image, t, eps) samples per step"})
     train_seed: int = field(default=100_000, metadata={"help": "seed of the first training image"})
+    checkpoints: tuple[int, ...] = field(
+        default=(50, 100),
+        metadata={"help": "earlier steps also judged, those below 'steps' (the curve; its last point is 'steps')"},
+    )
 
     PRESETS = {
-        "toy": {"images": 32, "steps": 300, "lr": 5e-3, "batch_size": 16},
-        "paper": {"images": 25, "steps": 5000, "lr": 0.08, "batch_size": 16},
+        "toy": {"images": 32, "steps": 300, "lr": 5e-3, "batch_size": 16, "checkpoints": (50, 100)},
+        "paper": {"images": 25, "steps": 5000, "lr": 0.08, "batch_size": 16, "checkpoints": (500, 2000)},
     }
     BUDGETS = ("images", "steps", "batch_size")
+
+    def validate(self) -> None:  # noqa: D102
+        points = list(self.checkpoints)
+        if points != sorted(set(points)) or any(p < 1 for p in points):
+            raise AttackError("InversionConfig: checkpoints must be increasing positive step counts.")
+
+    @property
+    def curve_steps(self) -> tuple[int, ...]:
+        """The steps judged: the checkpoints below ``steps``, then ``steps``."""
+        return tuple(int(p) for p in self.checkpoints if p < self.steps) + (int(self.steps),)
 
 
 def _init_id(tokenizer, word: str) -> int:
@@ -115,23 +131,31 @@ class ConceptInversion(Attack):
             objective = DenoiseObjective(latents, caption_of, config.batch_size)
             found = optimise(
                 ctx, layouts, param, objective, steps=config.steps, lr=config.lr, optimizer="adamw",
-                weight_decay=config.weight_decay, generator=generator,
+                weight_decay=config.weight_decay, generator=generator, snapshot_steps=config.curve_steps[:-1],
             )  # fmt: skip
             vector = found.rows[0]
-            with torch.no_grad(), frozen(pipe):
-                token_embedding(pipe.text_encoder).weight[token_id] = vector.to(table)
             prompts = [with_placeholder(r.prompt, words, config.token) for r in rows]
-            attacked = ctx.generate("edited", prompts, [r.evaluation_seed for r in rows])
-        hits = ctx.judge_images(attacked)
-        scores = ctx.select_scores(attacked)
-        records = [
-            {
-                "attack": self.name, "model": "edited", "case_number": r.case_number, "prompt": p,
-                "seed": r.evaluation_seed, "variant": 0, "params": {"token": config.token},
-                "selector_score": s, "selected": True, "shows_target": h,
-            }
-            for r, p, s, h in zip(rows, prompts, scores, hits, strict=True)
-        ]  # fmt: skip
+            seeds = [r.evaluation_seed for r in rows]
+            curve, records = [], []
+            points = [(steps, found.snapshots[steps][0]) for steps in config.curve_steps[:-1]]
+            points.append((config.steps, vector))
+            for variant, (steps, row) in enumerate(points):
+                with torch.no_grad(), frozen(pipe):
+                    token_embedding(pipe.text_encoder).weight[token_id] = row.to(table)
+                attacked = ctx.generate("edited", prompts, seeds)
+                hits = ctx.judge_images(attacked)
+                last = steps == config.steps
+                scores = ctx.select_scores(attacked) if last else [None] * len(rows)
+                curve.append({"steps": steps, "target_rate": sum(hits) / len(hits), "hits": hits})
+                records += [
+                    {
+                        "attack": self.name, "model": "edited", "case_number": r.case_number, "prompt": p,
+                        "seed": r.evaluation_seed, "variant": variant,
+                        "params": {"token": config.token, "steps": steps}, "selector_score": s, "selected": last,
+                        "shows_target": h,
+                    }
+                    for r, p, s, h in zip(rows, prompts, scores, hits, strict=True)
+                ]  # fmt: skip
         # the placeholder means something only with the learned vector: the row names the file the probe writes
         prompt_rows = [
             adversarial_row(r, p, self.name, embedding=f"embeddings/{self.name}.safetensors", token=config.token)
@@ -139,5 +163,5 @@ class ConceptInversion(Attack):
         ]
         return self.result(
             rows, hits, records=records, prompts=prompt_rows, images=attacked, embeddings={config.token: vector},
-            notes={"losses": found.losses, "init_word": config.init_word or KIND_WORDS[concept.kind]},
+            curve=curve, notes={"losses": found.losses, "init_word": config.init_word or KIND_WORDS[concept.kind]},
         )  # fmt: skip

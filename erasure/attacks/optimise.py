@@ -351,6 +351,8 @@ class OptimisationResult:
         rows: The final ``[k, d]`` rows (detached): the soft vectors, or the rows of the chosen tokens.
         evaluations: ``[{step, score, token_ids}]`` from the ``evaluate`` callback.
         best: The evaluation with the highest score, or ``None``.
+        snapshots: ``{step: [k, d] rows}`` after each of the ``snapshot_steps`` (a budget curve: what the
+            optimisation had found after that many steps; the last step's rows are ``rows``).
     """
 
     losses: list[float]
@@ -358,6 +360,19 @@ class OptimisationResult:
     rows: Tensor
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
+    snapshots: dict[int, Tensor] = field(default_factory=dict)
+
+
+def _current_rows(parametrisation: Parametrisation) -> Tensor:
+    """The rows the parametrisation stands for now (continuous ones as they are, discrete ones as vocabulary rows).
+
+    Draws no random numbers, so taking them mid-run leaves the rest of the run unchanged.
+    """
+    with torch.no_grad():
+        if parametrisation.kind in ("soft", "token"):
+            return parametrisation.rows().detach().cpu().clone()
+        ids = parametrisation.token_ids()
+        return parametrisation.table[ids].detach().cpu().clone()
 
 
 def optimise(
@@ -373,6 +388,7 @@ def optimise(
     generator: torch.Generator | None = None,
     evaluate: Callable[[Parametrisation], float] | None = None,
     eval_every: int = 0,
+    snapshot_steps: Sequence[int] = (),
 ) -> OptimisationResult:
     """Minimise ``objective`` over the slot rows of ``parametrisation``, shared by every layout.
 
@@ -380,12 +396,17 @@ def optimise(
     encoder to the rows), the objective's loss, one Adam (L2 weight decay, as UnlearnDiffAtk) or AdamW (decoupled,
     as P4D) step, then the parametrisation's projection. With ``evaluate`` and ``eval_every``, ``evaluate(param)``
     scores the current state every ``eval_every`` steps (selector score; higher is better) and the best is kept.
+    ``snapshot_steps`` keeps the rows after each of those steps (``snapshots``), so one run gives the whole budget
+    curve: the same optimiser state throughout, the same final rows as a run without snapshots.
 
     Raises:
-        AttackError: On ``steps < 1``, a bad optimiser name, or an SDXL pipeline.
+        AttackError: On ``steps < 1``, a snapshot step outside ``1..steps``, a bad optimiser name, or an SDXL
+            pipeline.
     """
     if steps < 1:
         raise AttackError("optimise needs at least one step (a budget of 0 does nothing).")
+    if bad := [s for s in snapshot_steps if not 1 <= int(s) <= int(steps)]:
+        raise AttackError(f"snapshot step {bad[0]} lies outside the run's 1..{int(steps)} steps.")
     if optimizer not in ("adam", "adamw"):
         raise AttackError(f"optimizer must be adam or adamw, got {optimizer!r}.")
     check_family(ctx.pipe)
@@ -396,6 +417,8 @@ def optimise(
     opt = cls(parametrisation.parameters(), lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     evaluations: list[dict[str, Any]] = []
+    snapshots: dict[int, Tensor] = {}
+    snapshot_steps = {int(s) for s in snapshot_steps}
     model = ctx.model("edited") if objective.needs_unet else contextlib.nullcontext()
     with model, frozen(ctx.pipe), EmbeddingOverride(ctx.pipe.text_encoder) as override:
         for step in range(int(steps)):
@@ -407,6 +430,8 @@ def optimise(
             opt.step()
             parametrisation.project_()
             losses.append(float(loss.detach()))
+            if step + 1 in snapshot_steps:
+                snapshots[step + 1] = _current_rows(parametrisation)
             if evaluate is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
                 with torch.no_grad():
                     score = float(evaluate(parametrisation))
@@ -416,9 +441,7 @@ def optimise(
     best = max(evaluations, key=lambda e: e["score"]) if evaluations else None
     with torch.no_grad():
         ids = parametrisation.token_ids().cpu()
-        rows = parametrisation.rows(generator).detach() if parametrisation.kind in ("soft", "token") else None
-        rows = rows if rows is not None else parametrisation.table[ids.to(device)]
-    return OptimisationResult(losses, ids, rows.detach().cpu(), evaluations, best)
+    return OptimisationResult(losses, ids, _current_rows(parametrisation), evaluations, best, snapshots)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -19,11 +19,11 @@ learn).
 ``per_image.csv`` (one row per generated image: attack, model, case number, prompt, seed, variant, its parameters,
 selector score, picked, judge verdict), ``summary.json`` (per attack: rates with intervals, gap closed, recovery,
 ASR in both denominators, cost, and for probes that change sampling the neighbour ratio under that sampling,
-``neighbour_cost``; for relearning the curve of target rate against steps beside the reference's, and the steps
-to half the base rate; with a witness, how often it agreed with the judge; the settings, with which judge reported
-and which selected), ``verdict.json`` (the
-same judge and selector records), ``prompts.csv`` and ``embeddings/<attack>.safetensors`` (learned tokens in
-diffusers' ``load_textual_inversion`` format).
+``neighbour_cost``; for relearning and concept inversion the curve of target rate against steps beside the
+reference's, and the steps to half the base rate (the verdict compares the two curves step by step); with a
+witness, how often it agreed with the judge; the settings, with which judge reported and which selected),
+``verdict.json`` (the same judge and selector records), ``prompts.csv`` and ``embeddings/<attack>.safetensors``
+(learned tokens in diffusers' ``load_textual_inversion`` format).
 
 ``prompts.csv`` holds the adversarial prompts in the field's schema (``case_number, prompt, evaluation_seed,
 concept, type, classes``) plus ``attack``, the attacked row's ``case``, its ``anchor`` and ``erased_concept``, and
@@ -96,7 +96,7 @@ def _column_records(name: str, model: str, rows, prompts, hits) -> list[dict[str
 
 
 def _curve(points: Sequence[Mapping[str, Any]] | None) -> list[dict[str, Any]] | None:
-    """A budget curve (relearning: target rate after each number of steps) with each point's interval."""
+    """A budget curve (relearning, inversion: target rate after each number of steps) with each point's interval."""
     if not points:
         return None
     return [{"steps": point["steps"], "target_rate": rate_interval(point["hits"])} for point in points]
@@ -115,7 +115,7 @@ def _witness_by_model(log: Sequence[tuple[str, Sequence[bool], Sequence[bool]]])
 
 
 def _steps_to_half(points: Sequence[Mapping[str, Any]] | None, base_hits: Sequence[bool]) -> int | None:
-    """Relearning speed: the fewest steps on the curve at which the target rate reaches half the base rate.
+    """Relearning or inversion speed: the fewest steps on the curve at which the rate reaches half the base rate.
 
     ``None`` without a curve, or when no point reaches it within the budget (the attack's design: compare it with
     the reference model's, which never learned the concept).

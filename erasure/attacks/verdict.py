@@ -28,8 +28,12 @@ Per attack ``A`` (:func:`attack_metrics`), with ``r_m(A)`` the fraction of model
    r_base(none)``) or the paraphrase battery closes the gap (``G`` lower bound ``>= tau``);
 3. an attack **recovers** the concept when its interval lies clearly above the edited rate (lower bound above the
    edited rate's upper bound) and, when a reference model that never learned the concept was attacked the same
-   way, clearly above the reference's rate too; it **holds** when its gap closed is confidently small (upper bound
-   ``< tau``) or, with a reference, it does not beat the reference (lower bound ``<=`` the reference's upper bound);
+   way, clearly above the reference's rate too; an attack with a budget curve (relearning, inversion: the rate after
+   each number of steps) also recovers it when at some point of its curve it lies clearly above the edited rate and
+   the reference's rate after the same steps (it comes back *faster* than on a model that never learned it, though
+   both may end at the same rate); it **holds** when its gap closed is confidently small (upper bound ``< tau``)
+   or, with a reference, it does not beat the reference (lower bound ``<=`` the reference's upper bound, at the end
+   and at every point of its curve);
 4. **suppressed** when some attack recovers it: the verdict lists which attacks and surfaces (text, embedding,
    weights, trajectory) reach it;
 5. **removed** when every attack holds, unless the weights say otherwise: a generation-time suppression (a
@@ -218,8 +222,33 @@ def attack_metrics(
     return out
 
 
-def _attack_state(metrics: Mapping[str, Any], tau: float) -> tuple[str, str]:
-    """``(recovers | holds | unclear, why)`` of one attack's metrics (rule 3)."""
+def _ahead_of_reference(
+    curve: Sequence[Mapping[str, Any]] | None,
+    reference_curve: Sequence[Mapping[str, Any]] | None,
+    floor: float = float("-inf"),
+) -> dict[str, Any] | None:
+    """The first point of a budget curve that lies clearly ahead of the reference's after the same steps.
+
+    Rule 3's speed test: the attacked rate's lower bound above both ``floor`` and the reference's upper bound at the
+    same number of steps; ``None`` when no point is.
+    """
+    reference_at = {point["steps"]: point["target_rate"] for point in reference_curve or []}
+    for point in curve or []:
+        rate, reference = point["target_rate"], reference_at.get(point["steps"])
+        if reference is None or rate["low"] is None or reference["high"] is None:
+            continue
+        if rate["low"] > floor and rate["low"] > reference["high"]:
+            return {"steps": point["steps"], "rate": rate, "reference": reference}
+    return None
+
+
+def _attack_state(
+    metrics: Mapping[str, Any],
+    tau: float,
+    curve: Sequence[Mapping[str, Any]] | None = None,
+    reference_curve: Sequence[Mapping[str, Any]] | None = None,
+) -> tuple[str, str]:
+    """``(recovers | holds | unclear, why)`` of one attack's metrics (rule 3), with its budget curves if any."""
     attacked, edited = metrics["attacked"], metrics["edited"]
     reference = metrics.get("reference_attacked")
     gap = metrics["gap_closed"]
@@ -231,10 +260,20 @@ def _attack_state(metrics: Mapping[str, Any], tau: float) -> tuple[str, str]:
                 f"attacked rate {attacked['rate']:.2f} [{attacked['low']:.2f}, {attacked['high']:.2f}] lies above the "
                 f"edited rate's interval (<= {edited['high']:.2f}) and the reference's (<= {reference['high']:.2f})"
             )
-        if not beyond_reference:
+        faster = None if edited["high"] is None else _ahead_of_reference(curve, reference_curve, edited["high"])
+        if faster is not None:
+            rate = faster["rate"]
+            return "recovers", (
+                f"after {faster['steps']} steps the attacked rate {rate['rate']:.2f} [{rate['low']:.2f}, "
+                f"{rate['high']:.2f}] lies above the edited rate's interval (<= {edited['high']:.2f}) and the "
+                f"reference's after the same steps (<= {faster['reference']['high']:.2f}): it comes back faster "
+                "than on a model that never learned it"
+            )
+        if not beyond_reference and _ahead_of_reference(curve, reference_curve) is None:
             return "holds", (
                 f"attacked rate [{attacked['low']:.2f}, {attacked['high']:.2f}] does not beat the same attack on the "
                 f"reference model (<= {reference['high']:.2f})"
+                + (", at any step of its curve" if curve and reference_curve else "")
             )
     elif above_edited:
         return "recovers", (
@@ -311,7 +350,8 @@ def decide(
 
     Args:
         columns: ``{"base": flags, "edited": flags}``, the no-attack columns.
-        attacks: ``{name: {"surface": str, "metrics": attack_metrics(...)}}``.
+        attacks: ``{name: {"surface": str, "metrics": attack_metrics(...)}}``, optionally with ``curve`` and
+            ``reference_curve``: ``[{steps, target_rate: rate_interval(...)}]`` (rule 3's speed test).
         reference: Whether the embedding and weight attacks were also run on a reference model that never learned
             the concept (their metrics then hold ``reference_attacked``).
         tau: Gap-closed threshold.
@@ -360,7 +400,7 @@ def decide(
             )
     states = {}
     for name, entry in attacks.items():
-        state, why = _attack_state(entry["metrics"], tau)
+        state, why = _attack_state(entry["metrics"], tau, entry.get("curve"), entry.get("reference_curve"))
         states[name] = state
         out["attacks"][name] = {"state": state, "why": why, "surface": entry["surface"]}
     recovered = [name for name, state in states.items() if state == "recovers"]

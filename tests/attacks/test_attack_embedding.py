@@ -177,3 +177,28 @@ def test_optimise_refuses_no_budget():
     param = make_parametrisation("soft", table, vocabulary_ids(pipe.tokenizer), 1)
     with pytest.raises(AttackError, match="budget of 0"):
         optimise(ctx, [], param, EmbedObjective(torch.zeros(1)), steps=0, lr=0.1)
+
+
+@pytest.mark.parametrize("kind", ["soft", "pez", "simplex"])
+def test_snapshots_record_the_curve_without_changing_the_run(kind):
+    pipe = tiny()
+    ctx = AttackContext(pipe, None, brightness_judge, red_selector)
+    layouts = [build_slots(pipe.tokenizer, PROMPT, 2, "prefix")]
+    table = token_embedding(pipe.text_encoder).weight.detach()
+    target = EmbedObjective(encode_prompts(pipe, ["a drawing of zog"]).prompt_embeds)
+
+    def run(**kwargs):
+        param = make_parametrisation(kind, table, vocabulary_ids(pipe.tokenizer), 2, generator=torch.Generator())
+        found = optimise(ctx, layouts, param, target, steps=4, lr=0.05, generator=torch.Generator().manual_seed(3),
+                         **kwargs)  # fmt: skip
+        return found
+
+    plain, curved, short = run(), run(snapshot_steps=(1, 3)), None
+    assert torch.equal(plain.rows, curved.rows) and plain.losses == curved.losses  # the same run
+    assert sorted(curved.snapshots) == [1, 3] and plain.snapshots == {}
+    param = make_parametrisation(kind, table, vocabulary_ids(pipe.tokenizer), 2, generator=torch.Generator())
+    short = optimise(ctx, layouts, param, target, steps=3, lr=0.05, generator=torch.Generator().manual_seed(3))
+    assert short.losses == curved.losses[:3], (short.losses, curved.losses)
+    assert torch.equal(curved.snapshots[3], short.rows)  # a snapshot is what a shorter run ends with
+    with pytest.raises(AttackError, match="snapshot step 5"):
+        run(snapshot_steps=(5,))

@@ -182,3 +182,17 @@ def test_ring_a_bell_discrete_finds_typed_prompts_that_replay():
     found = result.notes["found"]
     assert set(found) == set(CONCEPT.evaluate) and all(isinstance(text, str) and text for text in found.values())
     assert [row.prompt for row in result.prompts] == [found[r.prompt] for r in evaluation_rows(CONCEPT)]
+
+
+def test_inversion_judges_a_curve_whose_last_point_is_its_result():
+    pipe = tiny()
+    ctx = context(pipe, tiny_edit(pipe))
+    config = TINY["inversion"] | {"steps": 3, "checkpoints": (1, 2, 7)}  # 7 lies past the run: not a point
+    result = attacks.get_attack("inversion", **config).run(ctx, CONCEPT)
+    assert [point["steps"] for point in result.curve] == [1, 2, 3]
+    assert result.curve[-1]["hits"] == result.hits and len(result.notes["losses"]) == 3
+    selected = [r for r in result.records if r["selected"]]
+    assert len(selected) == len(result.hits) and {r["params"]["steps"] for r in selected} == {3}
+    assert len(result.records) == 3 * len(result.hits)
+    with pytest.raises(AttackError, match="increasing"):
+        attacks.get_attack("inversion", checkpoints=(2, 1))
