@@ -421,3 +421,31 @@ def test_vae_roundtrip_reconstructs_and_latent_noise_moves_it_further():
     clean_error = np.abs(clean.astype(float) - images).mean()
     assert clean_error < 20  # a faithful reconstruction (pixel values 0..255)
     assert np.abs(noisy.astype(float) - images).mean() > clean_error
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["keep-vae", "re-centre"])
+def test_keep_vae_trains_in_the_given_vaes_latent_space_bit_for_bit(tmp_path, tokenizer, script, keep):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    vae = models.build_vae()
+    vae.register_to_config(scaling_factor=0.7)
+    script.save_pipeline(base, vae, models.build_unet(), models.build_text_encoder(tokenizer), tokenizer)
+    args = ["--vae-from", str(base), "--out", str(tmp_path), "--name", "ref", "--work-dir", str(tmp_path / "work"),
+            "--images", "16", "--steps", "1", "--batch-size", "4", "--check-every", "1", "--device", "cpu",
+            "--exclude-concept", "Pip"] + (["--keep-vae"] if keep else [])  # fmt: skip
+    script.main(args)
+    weights = [
+        load_file(folder / "vae" / "diffusion_pytorch_model.safetensors") for folder in (base, tmp_path / "ref")
+    ]
+    same = all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+    config = json.loads((tmp_path / "ref" / "vae" / "config.json").read_text())
+    log = json.loads((tmp_path / "ref" / "training_log.json").read_text())
+    assert same == keep and (config["scaling_factor"] == 0.7) == keep  # re-centring moves biases and the scale
+    assert ("latent_channel_mean_kept" in log) == keep and ("latent_channel_mean_removed" in log) != keep
+
+
+def test_keep_vae_refuses_a_vae_it_would_train(script):
+    with pytest.raises(SystemExit):
+        script.parse_args(["--keep-vae", "--stages", "vae", "denoiser"])
