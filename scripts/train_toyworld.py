@@ -19,7 +19,9 @@ last saved state in ``--work-dir``.
 
 Examples:
     python scripts/train_toyworld.py                                   # checkpoints/toyworld-sd
-    python scripts/train_toyworld.py --exclude-concept Pip --keep-vae  # checkpoints/toyworld-sd-without-pip
+    python scripts/train_toyworld.py --exclude-concept Pip             # checkpoints/toyworld-sd-without-pip
+    python scripts/train_toyworld.py --exclude-concept Pip --keep-vae --out runs/ref   # the same, in the base's
+                                                                       # latent space (a --model2 for probes)
     python scripts/train_toyworld.py --out /tmp/ck --images 400 --steps 20 --check-every 10   # a smoke run
 """
 
