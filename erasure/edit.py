@@ -99,13 +99,17 @@ def pipeline_tensor(pipe: Any, key: str) -> torch.nn.Parameter:
     raise KeyError(f"The pipeline's {component_name} has no parameter '{name}'.")
 
 
-def edited_rows(parameter: Tensor, key: str, shape: torch.Size | tuple[int, ...]) -> Tensor:
-    """The part of ``parameter`` a delta of ``shape`` edits: all of it, or the leading rows of a grown token table.
+def edited_rows(pipe: Any, key: str, shape: torch.Size | tuple[int, ...]) -> Tensor:
+    """The part of the tensor ``key`` names that a delta of ``shape`` edits: all, or a grown token table's first rows.
 
     A token-embedding table grows when tokens are added after the edit was made (a textual-inversion placeholder,
     ``load_textual_inversion``): the edit's rows are the first ``shape[0]`` (the vocabulary it was made on) and the
-    added rows are not the edit's. Any other shape mismatch returns ``parameter`` unchanged for the caller to refuse.
+    added rows are not the edit's. Any other shape mismatch returns the whole tensor for the caller to refuse.
+
+    Raises:
+        KeyError: If the pipeline has no such component or parameter.
     """
+    parameter = pipeline_tensor(pipe, key)
     grown = (
         key.endswith("token_embedding.weight")
         and parameter.ndim == len(shape) == 2
@@ -159,7 +163,7 @@ class Edit:
             if expected is None:
                 continue
             try:
-                current = {key: edited_rows(pipeline_tensor(pipe, key), key, self.deltas[key].shape) for key in keys}
+                current = {key: edited_rows(pipe, key, self.deltas[key].shape) for key in keys}
             except KeyError as error:
                 raise FingerprintMismatchError(
                     f"This edit does not fit the pipeline: {error.args[0]} (edit made from "
@@ -176,7 +180,7 @@ class Edit:
         base = self.config.get("base_model") or "an unnamed model"
         for key, delta in self.deltas.items():
             try:
-                parameter = edited_rows(pipeline_tensor(pipe, key), key, delta.shape)
+                parameter = edited_rows(pipe, key, delta.shape)
             except KeyError as error:
                 raise FingerprintMismatchError(
                     f"This edit does not fit the pipeline: {error.args[0]} (edit made from {base})."
@@ -215,7 +219,7 @@ class Edit:
             self.check_base(pipe)
         else:
             self._check_shapes(pipe)
-        parameters = {key: edited_rows(pipeline_tensor(pipe, key), key, d.shape) for key, d in self.deltas.items()}
+        parameters = {key: edited_rows(pipe, key, d.shape) for key, d in self.deltas.items()}
         for key, parameter in parameters.items():
             # root-mean-square sizes; a tensor the base holds at (near) zero, such as a fresh bias, counts as 0.01
             change = abs(float(scale)) * float(self.deltas[key].norm()) / max(self.deltas[key].numel(), 1) ** 0.5
@@ -245,7 +249,7 @@ class Edit:
             raise RuntimeError("This edit is not applied to this pipeline; nothing to revert.")
         with torch.no_grad():
             for key, original in self._originals.items():
-                edited_rows(pipeline_tensor(pipe, key), key, original.shape).copy_(original)
+                edited_rows(pipe, key, original.shape).copy_(original)
         self._originals = None
         self._pipe_ref = None
         self.applied_scale = None

@@ -137,6 +137,17 @@ class AttackConfig:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def check_checkpoints(owner: str, checkpoints: Sequence[int]) -> None:
+    """Refuse budget-curve checkpoints that are not increasing positive step counts (``owner`` names the config).
+
+    Raises:
+        AttackError: Naming ``owner``.
+    """
+    points = list(checkpoints)
+    if points != sorted(set(points)) or any(point < 1 for point in points):
+        raise AttackError(f"{owner}: checkpoints must be increasing positive step counts, got {points}.")
+
+
 def evaluation_rows(concept: Concept, images_per_prompt: int = 1, base_seed: int = 0) -> list[PromptRow]:
     """The held-out rows every attack is judged on: each ``evaluate`` prompt x ``images_per_prompt`` seeds.
 

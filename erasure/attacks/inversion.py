@@ -34,6 +34,7 @@ from erasure.attacks.base import (
     AttackError,
     AttackResult,
     adversarial_row,
+    check_checkpoints,
     mentions,
     replace_words,
 )
@@ -80,9 +81,7 @@ class InversionConfig(AttackConfig):
     BUDGETS = ("images", "steps", "batch_size")
 
     def validate(self) -> None:  # noqa: D102
-        points = list(self.checkpoints)
-        if points != sorted(set(points)) or any(p < 1 for p in points):
-            raise AttackError("InversionConfig: checkpoints must be increasing positive step counts.")
+        check_checkpoints("InversionConfig", self.checkpoints)
 
     @property
     def curve_steps(self) -> tuple[int, ...]:
@@ -129,16 +128,16 @@ class ConceptInversion(Attack):
                 "token", token_embedding(pipe.text_encoder).weight.detach(), vocab, 1, [init_id]
             )
             objective = DenoiseObjective(latents, caption_of, config.batch_size)
+            earlier = config.curve_steps[:-1]
             found = optimise(
                 ctx, layouts, param, objective, steps=config.steps, lr=config.lr, optimizer="adamw",
-                weight_decay=config.weight_decay, generator=generator, snapshot_steps=config.curve_steps[:-1],
+                weight_decay=config.weight_decay, generator=generator, snapshot_steps=earlier,
             )  # fmt: skip
             vector = found.rows[0]
             prompts = [with_placeholder(r.prompt, words, config.token) for r in rows]
             seeds = [r.evaluation_seed for r in rows]
             curve, records = [], []
-            points = [(steps, found.snapshots[steps][0]) for steps in config.curve_steps[:-1]]
-            points.append((config.steps, vector))
+            points = [(steps, found.snapshots[steps][0]) for steps in earlier] + [(config.steps, vector)]
             for variant, (steps, row) in enumerate(points):
                 with torch.no_grad(), frozen(pipe):
                     token_embedding(pipe.text_encoder).weight[token_id] = row.to(table)

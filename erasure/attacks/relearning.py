@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from erasure.attacks import register
-from erasure.attacks.base import Attack, AttackConfig, AttackError, AttackResult
+from erasure.attacks.base import Attack, AttackConfig, AttackError, AttackResult, check_checkpoints
 from erasure.attacks.context import AttackContext
 from erasure.concepts import Concept
 from erasure.lora import lora_deltas, lora_hooks
@@ -76,8 +76,7 @@ class RelearningConfig(AttackConfig):
             raise AttackError(
                 f"RelearningConfig: parameters must be xattn_kv, xattn or edit, not {self.parameters!r}."
             )
-        if list(self.checkpoints) != sorted(set(self.checkpoints)):
-            raise AttackError("RelearningConfig: checkpoints must be increasing step counts.")
+        check_checkpoints("RelearningConfig", self.checkpoints)
         if self.data not in ("concept", "neighbours"):
             raise AttackError(f"RelearningConfig: data must be concept or neighbours, not {self.data!r}.")
         if self.rank < 0:
