@@ -25,7 +25,7 @@ import torch
 
 from erasure.attacks.base import AttackError
 
-__all__ = ["ProbeModels", "load_probe_models", "peer_edit"]
+__all__ = ["ProbeModels", "latent_space_mismatch", "load_probe_models", "peer_edit"]
 
 
 @dataclass
@@ -63,6 +63,33 @@ def _check_same(name: str, base: dict[str, torch.Tensor], peer: dict[str, torch.
                 f"{where} is not the architecture of the base model: {name}.{key} has shape "
                 f"{tuple(peer[key].shape)}, the base's {tuple(tensor.shape)}."
             )
+
+
+def latent_space_mismatch(pipe: Any, other: Any, steps: int) -> str | None:
+    """Why a trajectory ``pipe`` started cannot be finished by ``other``, or ``None`` when it can.
+
+    Handing a latent ``x_t`` from one model to another mid-way (trajectory completion) means the same thing to both
+    only when they share the latent space and the noise schedule: the same VAE weights and scaling, and the same
+    DDIM timesteps, ``alphas_cumprod`` and parameterisation at ``steps`` steps. The shipped never-saw-Pip reference,
+    whose VAE was re-centred on its own data, is such a model (``scripts/train_toyworld.py --keep-vae`` is not).
+    """
+    from erasure.sampling import ddim_scheduler
+
+    mine, theirs = _parameters(pipe.vae), _parameters(other.vae)
+    if set(mine) != set(theirs) or any(
+        t.shape != mine[k].shape or not torch.equal(t.detach().to(mine[k].device, mine[k].dtype), mine[k].detach())
+        for k, t in theirs.items()
+    ):
+        return "its VAE differs from the base model's"
+    for key in ("scaling_factor", "shift_factor"):
+        if pipe.vae.config.get(key) != other.vae.config.get(key):
+            return f"its VAE's {key} differs ({other.vae.config.get(key)} against {pipe.vae.config.get(key)})"
+    a, b = ddim_scheduler(pipe, steps), ddim_scheduler(other, steps)
+    if a.config.prediction_type != b.config.prediction_type:
+        return f"it predicts {b.config.prediction_type}, the base model {a.config.prediction_type}"
+    if not torch.equal(a.timesteps.cpu(), b.timesteps.cpu()) or not torch.equal(a.alphas_cumprod, b.alphas_cumprod):
+        return "its noise schedule differs from the base model's"
+    return None
 
 
 def peer_edit(pipe: Any, peer: Any, source: str = "") -> Any:

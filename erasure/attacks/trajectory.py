@@ -12,6 +12,12 @@ context's negative-prompt suppression, which only the edited half uses). An edit
 redirects the text guidance lets a trajectory that has already committed to the concept land on it; an edit that
 removed the concept pulls it off. The base prefix is run once per row to the largest ``k``, keeping each handoff
 state, and the selector picks the best handoff per row.
+
+With a reference model that never learned the concept (``--reference``), the reference finishes the same base
+trajectories too: after ``k`` steps of the base model the image may already be committed to the concept, and a
+model that never knew it can land on it from there. That rate is the floor the edit's must beat (rule 3 of
+:mod:`erasure.attacks.verdict`). It needs a reference in the base's latent space and noise schedule
+(:func:`~erasure.attacks.models.latent_space_mismatch`); otherwise the result's notes say why it was not run.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 from erasure.attacks import register
 from erasure.attacks.base import Attack, AttackConfig, AttackError, AttackResult
 from erasure.attacks.context import AttackContext
+from erasure.attacks.models import latent_space_mismatch
 from erasure.attacks.sampler import decode, seeded_noise
 from erasure.concepts import Concept
 from erasure.prompt_sets import PromptRow
@@ -33,7 +40,11 @@ __all__ = ["TrajectoryCompletion", "TrajectoryConfig", "complete"]
 
 
 def complete(
-    ctx: AttackContext, prompts: Sequence[str], seeds: Sequence[int], handoffs: Sequence[int]
+    ctx: AttackContext,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    handoffs: Sequence[int],
+    finisher: AttackContext | None = None,
 ) -> list[np.ndarray]:
     """Images for each handoff ``k``: the base model's first ``k`` DDIM steps, then the edited model's rest.
 
@@ -42,6 +53,9 @@ def complete(
         prompts: One prompt per image.
         seeds: One seed per image.
         handoffs: Steps ``0 <= k <= N`` the base model takes.
+        finisher: The context whose edited model finishes, prompted through its own text encoder (default
+            ``ctx``); the reference control passes the reference's, which must share the base's latent space
+            (:func:`~erasure.attacks.models.latent_space_mismatch`).
 
     Returns:
         One uint8 ``(len(prompts), H, W, 3)`` array per handoff, in order.
@@ -65,9 +79,11 @@ def complete(
         with ctx.model("base"):
             if wanted[-1] > 0:
                 ctx.sample(cond, noise, stop=wanted[-1], on_step=keep)
-        with ctx.model("edited") as pipe:
+        finishing = ctx if finisher is None else finisher
+        finish_cond = cond if finisher is None else finisher.encode(prompts[start:stop])
+        with finishing.model("edited") as pipe:
             for k in wanted:
-                out[k].append(decode(pipe, ctx.sample(cond, states[k], start=k)))
+                out[k].append(decode(pipe, finishing.sample(finish_cond, states[k], start=k)))
     return [np.concatenate(out[int(k)]) for k in handoffs]
 
 
@@ -102,7 +118,17 @@ class TrajectoryCompletion(Attack):
 
     def _run(self, ctx: AttackContext, concept: Concept, rows: list[PromptRow]) -> AttackResult:
         handoffs = list(self.config.handoffs)
-        variants = complete(ctx, [r.prompt for r in rows], [r.evaluation_seed for r in rows], handoffs)
         params = [{"handoff": k} for k in handoffs]
+        prompts, seeds = [r.prompt for r in rows], [r.evaluation_seed for r in rows]
+        variants = complete(ctx, prompts, seeds, handoffs)
         hits, picked, records = ctx.best_of(rows, variants, params, model="edited", attack=self.name)
-        return self.result(rows, hits, records=records, images=picked)
+        reference_hits, notes = None, {}
+        if ctx.reference is not None:  # the never-trained model finishes the same base trajectories: the floor
+            mismatch = latent_space_mismatch(ctx.pipe, ctx.reference.pipe, ctx.steps)
+            if mismatch is None:
+                finished = complete(ctx, prompts, seeds, handoffs, finisher=ctx.reference)
+                reference_hits, _, more = ctx.best_of(rows, finished, params, model="reference", attack=self.name)
+                records += more
+            else:
+                notes["reference_control"] = f"not run: the reference cannot finish the trajectories: {mismatch}"
+        return self.result(rows, hits, reference_hits=reference_hits, records=records, images=picked, notes=notes)

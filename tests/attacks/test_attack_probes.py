@@ -54,6 +54,38 @@ def test_completion_with_k_zero_is_the_edited_generation_and_k_n_the_base_genera
         complete(ctx, prompts, seeds, [STEPS + 1])
 
 
+def test_completion_finished_by_another_model_hands_it_the_base_trajectory():
+    """The reference control: with ``finisher``, k = 0 is the finisher's own generation and k = N the base's."""
+    from erasure.testing import tiny_pipeline
+
+    pipe = tiny()
+    other = tiny_pipeline("sd1", seed=1)
+    other.vae.load_state_dict(pipe.vae.state_dict())  # a model of the base's latent space, another UNet
+    ctx, finisher = context(pipe, None), context(other, None)
+    prompts, seeds = ["a picture of pip", "pip"], [3, 4]
+    k0, kn = complete(ctx, prompts, seeds, [0, STEPS], finisher=finisher)
+    base = generate(pipe, prompts, seeds, steps=STEPS, progress=False)
+    own = generate(other, prompts, seeds, steps=STEPS, progress=False)
+    assert not close(base, own)
+    assert close(k0, own) and close(kn, base)
+
+
+def test_latent_space_mismatch_names_what_differs():
+    from erasure.attacks.models import latent_space_mismatch
+
+    pipe, twin = tiny(), tiny()
+    assert latent_space_mismatch(pipe, twin, STEPS) is None
+    twin.vae.register_to_config(scaling_factor=0.5)
+    assert "scaling_factor" in latent_space_mismatch(pipe, twin, STEPS)
+    twin = tiny()
+    with torch.no_grad():
+        next(twin.vae.parameters()).add_(1.0)
+    assert latent_space_mismatch(pipe, twin, STEPS) == "its VAE differs from the base model's"
+    twin = tiny()
+    twin.scheduler.register_to_config(prediction_type="v_prediction")
+    assert "predicts v_prediction" in latent_space_mismatch(pipe, twin, STEPS)
+
+
 def test_noise_probe_with_eta_zero_is_ddim():
     pipe = tiny()
     ctx = context(pipe, None)

@@ -128,6 +128,33 @@ def test_with_a_reference_the_inpainting_probe_measures_the_reference_on_the_sam
     assert alone["attacks"]["inpaint"]["metrics"]["reference_attacked"] is None
 
 
+def test_with_a_reference_of_the_same_latent_space_trajectory_completion_measures_its_floor(tmp_path):
+    """The reference finishes the base's trajectories too, when it can: a model that never learned the concept may
+    still land on it from a trajectory the base model started, and only what beats that counts."""
+    from erasure.testing import tiny_pipeline
+
+    pipe = tiny()
+    same_space = tiny_pipeline("sd1", seed=1)
+    same_space.vae.load_state_dict(pipe.vae.state_dict())
+    settings = {"attacks": ["trajectory"], "options": {"trajectory": OPTIONS["trajectory"]}, "steps": 2}
+    with_ref = run_probe(
+        pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, reference=same_space,
+        out=tmp_path / "probe", likelihood=False, **settings,
+    )  # fmt: skip
+    entry = with_ref["attacks"]["trajectory"]
+    assert entry["metrics"]["reference_attacked"]["n"] == len(evaluation_rows(CONCEPT, 1))
+    with open(tmp_path / "probe" / "per_image.csv", newline="") as file:
+        models = {r["model"] for r in csv.DictReader(file) if r["attack"] == "trajectory"}
+    assert models == {"edited", "reference"}
+    other_space = run_probe(
+        pipe, tiny_edit(pipe), CONCEPT, brightness_judge, red_selector, reference=tiny_pipeline("sd1", seed=1),
+        likelihood=False, **settings,
+    )  # fmt: skip
+    entry = other_space["attacks"]["trajectory"]
+    assert entry["metrics"]["reference_attacked"] is None
+    assert "VAE differs" in entry["notes"]["reference_control"]
+
+
 def darkness_judge(images):
     """The brightness judge's opposite: it disagrees on every image."""
     return [not verdict for verdict in brightness_judge(images)]
