@@ -201,30 +201,35 @@ def curve(points, n=40):
     return [{"steps": steps, "target_rate": rate_interval(flags(count, n))} for steps, count in points.items()]
 
 
-def test_a_curve_that_comes_back_faster_than_on_the_reference_is_suppressed():
+def test_a_curve_ahead_of_the_reference_is_named_but_its_final_rate_decides():
+    """Two never-saw-Pip models differed by 38% against 0% at 100 inversion steps: speed against one reference run
+    would call a model that never learned the concept suppressed, so it is reported and decides nothing."""
     columns, attacks = table(40, 0, every_surface(("embedding", 36)), reference={"inversion": 34})
     both_end_high = decide(columns, attacks, reference=True, likelihood=FELL)
-    assert both_end_high["verdict"] == "removed"  # at the end alone the two models look alike
+    assert both_end_high["verdict"] == "removed"  # at the end the two models look alike
     attacks["inversion"] |= {"curve": curve({50: 30, 300: 36}), "reference_curve": curve({50: 2, 300: 34})}
     verdict = decide(columns, attacks, reference=True, likelihood=FELL)
-    assert verdict["verdict"] == "suppressed" and verdict["surfaces"] == ["embedding"]
-    assert "after 50 steps" in verdict["attacks"]["inversion"]["why"]
-    # the same speed on both models: it holds at every step
+    assert verdict["verdict"] == "removed"
+    why = verdict["attacks"]["inversion"]["why"]
+    assert "after 50 steps it was ahead of the reference" in why and "decides nothing" in why
+    # the same speed on both models: nothing to name
     attacks["inversion"] |= {"curve": curve({50: 3, 300: 36}), "reference_curve": curve({50: 2, 300: 34})}
     verdict = decide(columns, attacks, reference=True, likelihood=FELL)
     assert verdict["verdict"] == "removed" and "at any step" in verdict["attacks"]["inversion"]["why"]
     # points the reference was not judged at compare with nothing
     attacks["inversion"] |= {"curve": curve({25: 30, 300: 36}), "reference_curve": curve({50: 2, 300: 34})}
-    assert decide(columns, attacks, reference=True, likelihood=FELL)["verdict"] == "removed"
+    verdict = decide(columns, attacks, reference=True, likelihood=FELL)
+    assert verdict["verdict"] == "removed" and "ahead" not in verdict["attacks"]["inversion"]["why"]
+    # the final rate beyond the reference's still recovers
+    attacks["inversion"] |= {"curve": curve({50: 30, 300: 40}), "reference_curve": curve({50: 2, 300: 20})}
+    attacks["inversion"]["metrics"]["reference_attacked"] = rate_interval(flags(20, 40))
+    assert decide(columns, attacks, reference=True, likelihood=FELL)["verdict"] == "suppressed"
 
 
-def test_a_curve_ahead_of_the_reference_but_not_of_the_edited_rate_is_left_to_the_gap_closed():
-    # plain prompts already at 10 of 40; the attack's early point beats the reference's but not the edited rate,
-    # so neither the speed test nor the reference decides: the gap closed (2 of 30, confidently small) does
+def test_a_curve_ahead_of_the_reference_but_not_of_the_edited_rate_is_not_named():
+    # plain prompts already at 10 of 40; the attack's early point beats the reference's but not the edited rate:
+    # it did not come back at all, so only the final comparison with the reference is given
     columns, attacks = table(40, 10, every_surface(("embedding", 12)), reference={"inversion": 11})
     attacks["inversion"] |= {"curve": curve({50: 12, 300: 12}), "reference_curve": curve({50: 0, 300: 11})}
     state = decide(columns, attacks, reference=True, likelihood=FELL)["attacks"]["inversion"]
-    assert state["state"] == "holds" and state["why"].startswith("gap closed")
-    attacks["inversion"] |= {"curve": curve({50: 11, 300: 12}), "reference_curve": curve({50: 11, 300: 11})}
-    state = decide(columns, attacks, reference=True, likelihood=FELL)["attacks"]["inversion"]
-    assert state["state"] == "holds" and "reference model" in state["why"]
+    assert state["state"] == "holds" and "reference model" in state["why"] and "ahead" not in state["why"]
