@@ -65,21 +65,24 @@ def _check_same(name: str, base: dict[str, torch.Tensor], peer: dict[str, torch.
             )
 
 
+def _equal(mine: torch.Tensor, theirs: torch.Tensor) -> bool:
+    """Whether ``theirs`` holds exactly ``mine``'s values (compared on ``mine``'s device and dtype)."""
+    return torch.equal(theirs.detach().to(mine.device, mine.dtype), mine.detach())
+
+
 def latent_space_mismatch(pipe: Any, other: Any, steps: int) -> str | None:
     """Why a trajectory ``pipe`` started cannot be finished by ``other``, or ``None`` when it can.
 
     Handing a latent ``x_t`` from one model to another mid-way (trajectory completion) means the same thing to both
     only when they share the latent space and the noise schedule: the same VAE weights and scaling, and the same
     DDIM timesteps, ``alphas_cumprod`` and parameterisation at ``steps`` steps. The shipped never-saw-Pip reference,
-    whose VAE was re-centred on its own data, is such a model (``scripts/train_toyworld.py --keep-vae`` is not).
+    whose VAE was re-centred on its own data, cannot finish the base's trajectories; one trained with
+    ``scripts/train_toyworld.py --keep-vae`` can.
     """
     from erasure.sampling import ddim_scheduler
 
     mine, theirs = _parameters(pipe.vae), _parameters(other.vae)
-    if set(mine) != set(theirs) or any(
-        t.shape != mine[k].shape or not torch.equal(t.detach().to(mine[k].device, mine[k].dtype), mine[k].detach())
-        for k, t in theirs.items()
-    ):
+    if set(mine) != set(theirs) or any(t.shape != mine[k].shape or not _equal(mine[k], t) for k, t in theirs.items()):
         return "its VAE differs from the base model's"
     for key in ("scaling_factor", "shift_factor"):
         if pipe.vae.config.get(key) != other.vae.config.get(key):
@@ -107,18 +110,12 @@ def peer_edit(pipe: Any, peer: Any, source: str = "") -> Any:
     for component in ("unet", "text_encoder"):
         base, theirs = _parameters(getattr(pipe, component)), _parameters(getattr(peer, component))
         _check_same(component, base, theirs, where)
-        changed = {
-            key: tensor.detach().to("cpu")
-            for key, tensor in theirs.items()
-            if not torch.equal(tensor.detach().to(base[key].device, base[key].dtype), base[key].detach())
-        }
+        changed = {key: tensor.detach().to("cpu") for key, tensor in theirs.items() if not _equal(base[key], tensor)}
         if changed:
             edits.append(Edit.from_state_dict(changed, pipe, component=component, source=str(source)))
     vae, theirs_vae = _parameters(pipe.vae), _parameters(peer.vae)
     _check_same("vae", vae, theirs_vae, where)
-    if any(
-        not torch.equal(t.detach().to(vae[k].device, vae[k].dtype), vae[k].detach()) for k, t in theirs_vae.items()
-    ):
+    if any(not _equal(vae[k], t) for k, t in theirs_vae.items()):
         raise AttackError(
             f"{where} has another VAE than the base model; a probe's edit covers the UNet and text encoder."
         )
